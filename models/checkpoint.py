@@ -1,0 +1,113 @@
+"""Reading ReActNet-A weights from our checkpoints and from the authors' released files."""
+import pickle
+import zipfile
+
+import torch
+
+# Prefixes that wrappers add to every key: nn.DataParallel / DDP, and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or whose weights do not fit the model."""
+
+
+def read_checkpoint(path):
+    """Loads a checkpoint file as a dict without executing any pickled code.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or not a dict saved by ``torch.save``.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint file at {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
+            ValueError, KeyError, TypeError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason[:200]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
+    return obj
+
+
+def extract_state_dict(checkpoint, path="checkpoint"):
+    """The state_dict inside ``checkpoint`` with wrapper prefixes removed.
+
+    Accepts a dict with a ``state_dict`` entry (ours and the released files) or a bare state_dict.
+    """
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state_dict, dict) or not state_dict or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise CheckpointError(f"{path} has no state_dict of tensors (keys: {_preview(checkpoint)})")
+    return {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
+
+
+def strip_wrapper_prefixes(key):
+    """``module._orig_mod.feature.0...`` -> ``feature.0...``."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def convert_flat_binary_weights(state_dict, expected):
+    """Maps ReActNet's released ``*.weights`` of shape (out*in*k*k, 1) to ``*.weight`` (out, in, k, k)."""
+    converted = {}
+    for key, value in state_dict.items():
+        if key.endswith(".weights") and key[:-1] in expected and key[:-1] not in state_dict:
+            shape = expected[key[:-1]].shape
+            if value.numel() == shape.numel():
+                key, value = key[:-1], value.reshape(shape)
+        converted[key] = value
+    return converted
+
+
+def check_fits(state_dict, expected, path):
+    """Raises CheckpointError naming every missing, unexpected and mis-shaped key."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            shown = "; ".join(keys[:4]) + (f"; ... {len(keys) - 4} more" if len(keys) > 4 else "")
+            problems.append(f"{len(keys)} {label} ({shown})")
+    if problems:
+        raise CheckpointError(f"{path} does not fit this ReActNet-A: " + ", ".join(problems))
+
+
+def load_checkpoint(model, path):
+    """Loads weights into ``model`` strictly from any supported checkpoint file.
+
+    Supported: checkpoints written by this repository; the AdamBNN and ReActNet released files
+    (``nn.DataParallel`` ``module.`` prefixes, ReActNet's flat ``.weights`` tensors); a bare
+    state_dict. Files are read with ``weights_only=True``.
+
+    Args:
+        model: a ReActNet-A (unwrapped) whose state_dict the file must match exactly.
+        path: the checkpoint file.
+
+    Returns:
+        The whole checkpoint dict, for its metadata (``epoch``, ``best_top1_acc``, ``step``...).
+
+    Raises:
+        CheckpointError: unreadable file, or keys missing, unexpected or of another shape.
+    """
+    checkpoint = read_checkpoint(path)
+    expected = model.state_dict()
+    state_dict = convert_flat_binary_weights(extract_state_dict(checkpoint, path), expected)
+    check_fits(state_dict, expected, path)
+    model.load_state_dict(state_dict, strict=True)
+    return checkpoint
+
+
+def _preview(d, limit=6):
+    keys = [str(k) for k in d][:limit]
+    return ", ".join(keys) + (", ..." if len(d) > limit else "") if keys else "none"

@@ -1,0 +1,10 @@
+"""AdamBNN step 1: ReActNet-A with binary activations and real weights, trained from scratch."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.engine import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(step=1, binary_weights=False, weight_decay=5e-6)

@@ -1,0 +1,69 @@
+"""Writing run checkpoints so that a crash at any moment leaves a loadable one behind."""
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+LAST = "checkpoint.pth.tar"
+BEST = "model_best.pth.tar"
+
+
+def _replace_atomically(tmp, path):
+    """fsyncs ``tmp``, renames it over ``path`` and fsyncs the folder, so ``path`` is always whole."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _write(path, write):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        _replace_atomically(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"could not write {path} ({reason}); the previous file there is intact: "
+                        f"free disk space or pass another --save, then run the same command") from None
+
+
+def save(state, folder, is_best=False):
+    """Writes ``folder/checkpoint.pth.tar`` atomically; copies it to ``model_best.pth.tar`` if best."""
+    last = os.path.join(folder, LAST)
+    _write(last, lambda tmp: torch.save(state, tmp))
+    if is_best:
+        _write(os.path.join(folder, BEST), lambda tmp: shutil.copyfile(last, tmp))
+    return last
+
+
+def rng_state():
+    """The process's torch, CUDA, numpy and Python RNG states, in types weights_only can load."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,23 @@
+"""Errors that a user can fix, reported as one line instead of a traceback."""
+import functools
+import sys
+
+from models import CheckpointError
+
+
+class UserError(Exception):
+    """Bad input or configuration; the message says what is wrong and what to do."""
+
+
+def report_user_errors(main):
+    """Runs ``main``; a UserError or CheckpointError becomes one line on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (UserError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper
