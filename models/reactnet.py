@@ -23,6 +23,14 @@ class LearnableBias(nn.Module):
         return x + self.bias
 
 
+class BinaryActivation(nn.Module):
+    """RSign's sign (the preceding LearnableBias is its threshold). A module, so hooks can see
+    the pre-binarization activations and the binarizer can be swapped for comparisons."""
+
+    def forward(self, x):
+        return binarize_activation(x)
+
+
 class BinaryConv2d(nn.Conv2d):
     """A bias-free convolution that is fed binary activations.
 
@@ -34,6 +42,7 @@ class BinaryConv2d(nn.Conv2d):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, binary_weights=False):
         # Set before nn.Conv2d.__init__, which calls reset_parameters.
         self.binary_weights = binary_weights
+        self.weight_binarizer = binarize_weight
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=kernel_size // 2, bias=False)
 
@@ -44,7 +53,7 @@ class BinaryConv2d(nn.Conv2d):
             self.weight.copy_(torch.rand(self.weight.shape) * 0.001)
 
     def forward(self, x):
-        weight = binarize_weight(self.weight) if self.binary_weights else self.weight
+        weight = self.weight_binarizer(self.weight) if self.binary_weights else self.weight
         return F.conv2d(x, weight, None, self.stride, self.padding)
 
     def extra_repr(self):
@@ -95,15 +104,16 @@ class BasicBlock(nn.Module):
         self.move22 = LearnableBias(planes)
         self.prelu2 = nn.PReLU(planes)
         self.move23 = LearnableBias(planes)
+        self.binary_activation = BinaryActivation()
         if stride == 2:
             self.pooling = nn.AvgPool2d(2, 2)
 
     def forward(self, x):
-        out1 = self.bn1(self.binary_3x3(binarize_activation(self.move11(x))))
+        out1 = self.bn1(self.binary_3x3(self.binary_activation(self.move11(x))))
         shortcut = self.pooling(x) if self.stride == 2 else x
         out1 = self.move13(self.prelu1(self.move12(out1 + shortcut)))
 
-        binary = binarize_activation(self.move21(out1))
+        binary = self.binary_activation(self.move21(out1))
         if not self.widening:
             out2 = self.bn2(self.binary_pw(binary)) + out1
         else:
