@@ -1,0 +1,57 @@
+"""Fixtures shared by the tests: a tiny ImageFolder dataset and a teacher trained for nothing."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 3
+
+torch.set_num_threads(1)
+
+
+def write_image_folder(root, per_class, num_classes=NUM_CLASSES, size=(40, 36), seed=0):
+    """Writes ``root/{train,val}/class_k/*.png``: noise whose mean brightness depends on the class."""
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for k in range(num_classes):
+            folder = os.path.join(root, split, f"class_{k}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = rng.random((size[0], size[1], 3)) * 90 + 70 * k
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """3 classes, 8 train and 4 val images each."""
+    return write_image_folder(tmp_path_factory.mktemp("data"), {"train": 8, "val": 4})
+
+
+@pytest.fixture(scope="session")
+def teacher_weights(tmp_path_factory):
+    """A randomly initialised resnet18 state_dict for NUM_CLASSES classes."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=NUM_CLASSES).state_dict(), path)
+    return str(path)
+
+
+def run_script(script, *args, env=None, cwd=None, timeout=600):
+    """Runs a repository script in a fresh interpreter; returns the CompletedProcess."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
+                          capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=timeout)
+
+
+def train_args(data, teacher, save, *extra, epochs=1, batch_size=8):
+    """Flags for a fast step-1/step-2 run on ``tiny_data``."""
+    return ["--data", data, "--teacher", "resnet18", "--teacher_weights", teacher, "--save", save,
+            "--epochs", epochs, "--batch_size", batch_size, "--image_size", 32, "-j", 0,
+            "--device", "cpu", *extra]
