@@ -55,6 +55,8 @@ def build_parser(step, weight_decay):
                         help="autocast precision (default none: the published fp32 numerics)")
     parser.add_argument("--channels_last", action="store_true", help="NHWC memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student")
+    parser.add_argument("--fused_optimizer", action="store_true",
+                        help="PyTorch's fused Adam kernel (faster; rounds slightly differently)")
     if step == 2:
         parser.add_argument("--step1_checkpoint", default=default_step1_checkpoint(),
                             help="step-1 weights to start from, loaded strictly "
