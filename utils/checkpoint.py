@@ -24,8 +24,18 @@ def _replace_atomically(tmp, path):
         os.close(folder)
 
 
+PARTIAL = ".partial."
+
+
+def remove_partial_files(folder):
+    """Deletes what a crash mid-write left behind; such files are never read."""
+    for name in os.listdir(folder):
+        if PARTIAL in name:
+            os.remove(os.path.join(folder, name))
+
+
 def _write(path, write):
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = f"{path}{PARTIAL}{os.getpid()}"
     try:
         write(tmp)
         _replace_atomically(tmp, path)

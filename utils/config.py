@@ -49,6 +49,11 @@ def build_parser(step, weight_decay):
                         help="training crop; validation resizes to round(size/0.875) then centre-crops")
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
     parser.add_argument("--print_freq", type=int, default=1, help="print a progress line every N iterations")
+    parser.add_argument("--save_every_iters", type=int, default=0,
+                        help="also write a resumable checkpoint every N iterations (0: once per epoch)")
+    parser.add_argument("--max_unreadable_share", type=float, default=0.5,
+                        help="unreadable images are skipped with a warning; stop when more than this "
+                             "share of one batch is unreadable")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="default: cuda when available")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
@@ -73,6 +78,10 @@ def check_args(args, world_size=1):
             raise UserError(f"{flag} must be positive, got {value}")
     if args.weight_decay < 0:
         raise UserError(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.max_unreadable_share < 1:
+        raise UserError(f"--max_unreadable_share must be in [0, 1), got {args.max_unreadable_share}")
+    if args.save_every_iters < 0:
+        raise UserError(f"--save_every_iters must be >= 0, got {args.save_every_iters}")
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.image_size < MIN_IMAGE_SIZE:

@@ -52,13 +52,13 @@ def all_reduce_sum(tensor, ctx):
     return tensor
 
 
-def any_rank(flag, ctx):
-    """True on every rank if ``flag`` is true on any rank."""
+def any_rank(flags, ctx):
+    """For each flag, True on every rank if it is true on any rank (one collective for all)."""
     if not ctx.distributed:
-        return bool(flag)
-    t = torch.tensor([int(flag)], device=ctx.device if ctx.device.type == "cuda" else "cpu")
+        return [bool(f) for f in flags]
+    t = torch.tensor([int(bool(f)) for f in flags], device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def barrier(ctx):

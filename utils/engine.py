@@ -6,7 +6,10 @@ distillation loss, validates on the true labels and writes a checkpoint that res
 """
 import contextlib
 import json
+import math
 import os
+import signal
+import sys
 import time
 import warnings
 
@@ -23,6 +26,55 @@ from .data import (SeededSampler, default_workers, make_loader, open_split, trai
 from .distill import build_teacher, distillation_loss
 from .errors import UserError, report_user_errors
 from .meters import AverageMeter, ProgressMeter, topk_correct
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after writing a resumable checkpoint."""
+
+    def __init__(self, signum, epoch, iteration, path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at epoch {epoch} iteration "
+                         f"{iteration}; saved {path}: run the same command to resume")
+        self.signum = signum
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT (preemption, Ctrl-C) into a request to stop at the next iteration
+    boundary. A second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = None
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.requested == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def guard(self, loader):
+        """Iterates ``loader`` but ends quietly if it fails after a stop was requested (its
+        workers may have received the same signal and exited)."""
+        iterator = iter(loader)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except Exception:
+                if self.requested:
+                    return
+                raise
+            yield batch
 
 
 class RunLog:
@@ -80,7 +132,8 @@ def evaluate(model, loader, device, amp="none", channels_last=False, log=print, 
               AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")]
     progress = ProgressMeter(len(loader), meters, prefix="Test: ")
     end = time.time()
-    for i, (images, target, _) in enumerate(loader):
+    for i, (images, target, unreadable) in enumerate(loader):
+        warn_unreadable(unreadable, log)
         if images is None:
             continue
         images, target = to_device(images, device, channels_last), target.to(device, non_blocking=True)
@@ -104,6 +157,11 @@ def evaluate(model, loader, device, amp="none", channels_last=False, log=print, 
     top1, top5 = 100 * c1 / n, 100 * c5 / n
     log(f" * acc@1 {top1:.3f} acc@5 {top5:.3f}")
     return {"loss": loss_sum / n, "top1": top1, "top5": top5}
+
+
+def warn_unreadable(unreadable, log):
+    for item in unreadable:
+        log(f"warning: skipped unreadable image {item.path} ({item.reason})")
 
 
 def to_device(images, device, channels_last):
@@ -139,11 +197,14 @@ class Trainer:
         self.val_loader = make_loader(self.val_set, self.val_sampler, per_rank_batch, workers, pin)
 
         self.student = reactnet(self.num_classes, binary_weights=binary_weights).to(self.device)
+        if args.channels_last:
+            self.student.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.student, args.learning_rate, args.weight_decay,
                                          args.fused_optimizer)
         self.scheduler = build_scheduler(self.optimizer, args.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         self.epoch, self.iteration, self.best_top1 = 0, 0, 0.0
+        self.unreadable_count = 0
 
         resume_path = os.path.join(self.save_dir, checkpoint.LAST)
         if os.path.exists(resume_path):
@@ -153,7 +214,6 @@ class Trainer:
 
         self.teacher = self.build_teacher().to(self.device)
         if args.channels_last:
-            self.student.to(memory_format=torch.channels_last)
             self.teacher.to(memory_format=torch.channels_last)
         self.model = self.student
         if self.ctx.distributed:
@@ -232,7 +292,7 @@ class Trainer:
         if self.epoch >= args.epochs:
             self.log(f"=> {self.save_dir} already holds all {args.epochs} epochs; nothing to do")
             return
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), StopSignals() as stop:
             # The schedule is stepped before the epoch's first optimizer step on purpose.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             while self.epoch < args.epochs:
@@ -240,17 +300,30 @@ class Trainer:
                     self.scheduler.step()
                 self.log(f"learning_rate: {self.optimizer.param_groups[0]['lr']}")
                 started = time.time()
-                self.train_one_epoch()
+                self.train_one_epoch(stop)
                 metrics = evaluate(self.student, self.val_loader, self.device, args.amp,
                                    args.channels_last, self.log, args.print_freq, self.ctx)
                 self.epoch, self.iteration = self.epoch + 1, 0
                 is_best = metrics["top1"] > self.best_top1
                 self.best_top1 = max(self.best_top1, metrics["top1"])
                 self.save(is_best)
+                skipped = (f"; {self.unreadable_count} unreadable training images skipped so far"
+                           if self.unreadable_count else "")
                 self.log(f"=> epoch {self.epoch - 1} done in {time.time() - started:.1f}s; "
-                         f"best acc@1 {self.best_top1:.3f}")
+                         f"best acc@1 {self.best_top1:.3f}{skipped}")
+                if stop.requested and self.epoch < args.epochs:
+                    raise self.stopped(stop)
 
-    def train_one_epoch(self):
+    def stopped(self, stop):
+        return Stopped(stop.requested, self.epoch, self.iteration,
+                       os.path.join(self.save_dir, checkpoint.LAST))
+
+    def train_one_epoch(self, stop):
+        """Trains from ``self.iteration`` to the end of ``self.epoch``.
+
+        Between iterations it writes a mid-epoch checkpoint every ``--save_every_iters``, and when a
+        stop signal arrived it writes one and raises Stopped.
+        """
         args = self.args
         self.model.train()
         self.train_sampler.set_epoch(self.epoch, start=self.iteration * self.train_loader.batch_size)
@@ -260,8 +333,8 @@ class Trainer:
                   AverageMeter("Acc@5", ":6.2f")]
         batch_time, data_time, losses, top1, top5 = meters
         progress = ProgressMeter(num_batches, meters, prefix=f"Epoch: [{self.epoch}]")
-        end = time.time()
-        for images, target, unreadable in self.train_loader:
+        end, stopping = time.time(), False
+        for images, target, unreadable in stop.guard(self.train_loader):
             i = self.iteration
             data_time.update(time.time() - end)
             self.report_unreadable(unreadable, images)
@@ -276,10 +349,13 @@ class Trainer:
             self.scaler.scale(loss).backward()
             correct1, correct5 = topk_correct(logits.detach(), target)
             loss_value, c1, c5 = torch.stack([loss.detach(), correct1, correct5]).tolist()
-            if not torch.isfinite(torch.tensor(loss_value)):
-                raise UserError(f"the loss became {loss_value} at epoch {self.epoch} iteration {i}; "
-                                f"stopped before the update, the last checkpoint in {self.save_dir} "
-                                f"is kept: resume with a lower --learning_rate or --amp none")
+            stopping, diverged = distributed.any_rank([stop.requested, not math.isfinite(loss_value)],
+                                                      self.ctx)
+            if diverged:
+                raise UserError(f"the loss became non-finite ({loss_value}) at epoch {self.epoch} "
+                                f"iteration {i}; stopped before updating the weights, the last "
+                                f"checkpoint in {self.save_dir} is kept: resume with a lower "
+                                f"--learning_rate or without --amp")
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.iteration += 1
@@ -288,17 +364,29 @@ class Trainer:
             top1.update(100 * c1 / n, n)
             top5.update(100 * c5 / n, n)
             batch_time.update(time.time() - end)
-            if i % args.print_freq == 0 or i == num_batches - 1:
+            if i % args.print_freq == 0 or i == num_batches - 1 or stopping:
                 self.log(progress.line(i))
+            if stopping or (args.save_every_iters and self.iteration % args.save_every_iters == 0
+                            and self.iteration < num_batches):
+                self.save()
+            if stopping:
+                break
             end = time.time()
+        if stop.requested:
+            if not stopping:  # the loader broke off (its workers got the signal too): save here
+                self.save()
+            raise self.stopped(stop)
         return {"loss": losses.avg, "top1": top1.avg, "top5": top5.avg}
 
     def report_unreadable(self, unreadable, images):
-        for item in unreadable:
-            self.log(f"warning: skipped unreadable image {item.path} ({item.reason})")
-        if images is None:
-            raise UserError(f"every image of a batch was unreadable (e.g. {unreadable[0].path}): "
-                            f"check the dataset files")
+        """Warns about each skipped file; stops when too much of the batch was unreadable."""
+        warn_unreadable(unreadable, self.log)
+        self.unreadable_count += len(unreadable)
+        readable = 0 if images is None else len(images)
+        if len(unreadable) > self.args.max_unreadable_share * (readable + len(unreadable)):
+            raise UserError(f"{len(unreadable)} of {readable + len(unreadable)} images of a batch "
+                            f"were unreadable (e.g. {unreadable[0].path}), more than "
+                            f"--max_unreadable_share {self.args.max_unreadable_share}: check the dataset")
 
 
 def prepare_run_folder(folder, ctx):
@@ -307,6 +395,7 @@ def prepare_run_folder(folder, ctx):
     if ctx.is_main:
         try:
             os.makedirs(folder, exist_ok=True)
+            checkpoint.remove_partial_files(folder)
             probe = os.path.join(folder, f".write_test.{os.getpid()}")
             with open(probe, "w"):
                 pass
@@ -340,5 +429,8 @@ def _train(args, step, binary_weights, init_from):
                 f"{trainer.ctx.world_size} process(es) on {trainer.device}")
     try:
         trainer.fit()
+    except Stopped as stopped:
+        trainer.log(f"=> {stopped}")
+        sys.exit(128 + stopped.signum)
     finally:
         distributed.shutdown(trainer.ctx)

@@ -1,0 +1,136 @@
+"""Trains a real-valued torchvision classifier with cross-entropy, to be the distillation teacher.
+
+torchvision's pretrained teachers only predict the 1000 ImageNet classes; for any other dataset,
+train one here first and pass the file to step 1 and step 2 as ``--teacher_weights`` (with the same
+``--teacher`` architecture). Uses the same data pipeline as the steps: ImageFolder train/ and val/,
+the published augmentation and the validation resize and centre crop.
+
+    python utils/train_teacher.py --data /path/to/data --arch resnet34 --epochs 30 --out teacher.pth
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.config import OneLineErrorParser  # noqa: E402
+from utils.data import (SeededSampler, default_workers, make_loader, open_split,  # noqa: E402
+                        train_transform, val_transform)
+from utils.engine import evaluate  # noqa: E402
+from utils.errors import UserError, report_user_errors  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
+    parser.add_argument("--arch", default="resnet34",
+                        help="torchvision classification model name (default resnet34, the steps' "
+                             "default --teacher)")
+    parser.add_argument("--out", required=True, help="file to write the trained weights to")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--learning_rate", type=float, default=2e-3,
+                        help="AdamW peak learning rate, cosine-annealed to zero over the run")
+    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
+    parser.add_argument("--image_size", type=int, default=224,
+                        help="training crop; use the same value as the steps' --image_size")
+    parser.add_argument("-j", "--workers", type=int, default=None,
+                        help="data-loading workers (default: from the CPU count)")
+    parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="default: cuda when available")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Raises a UserError for values no run can use, before any time is spent training."""
+    for flag in ("epochs", "batch_size", "learning_rate", "image_size"):
+        if not getattr(args, flag) > 0:
+            raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.weight_decay < 0:
+        raise UserError(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.arch not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(f"unknown classification model '{args.arch}': use a torchvision name such "
+                        f"as resnet18 or resnet34")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder of --out {args.out} ({e.strerror})") from None
+    if os.path.isdir(args.out) or not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write --out {args.out}: pass a writable file path")
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device):
+    """One pass of cross-entropy training; returns the mean loss and acc@1 (in %)."""
+    model.train()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, target, unreadable in loader:
+        for item in unreadable:
+            print(f"warning: skipped unreadable image {item.path} ({item.reason})", flush=True)
+        if images is None:
+            continue
+        images, target = images.to(device), target.to(device)
+        logits = model(images)
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * len(target)
+        correct += (logits.argmax(dim=1) == target).sum().item()
+        count += len(target)
+    return loss_sum / max(count, 1), 100 * correct / max(count, 1)
+
+
+@report_user_errors
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+
+    train_set = open_split(args.data, "train", train_transform(args.image_size))
+    val_set = open_split(args.data, "val", val_transform(args.image_size),
+                         class_to_idx=train_set.class_to_idx)
+    workers = default_workers() if args.workers is None else args.workers
+    pin = device.type == "cuda"
+    train_sampler = SeededSampler(len(train_set), args.seed, shuffle=True)
+    train_loader = make_loader(train_set, train_sampler, args.batch_size, workers, pin)
+    val_loader = make_loader(val_set, SeededSampler(len(val_set), args.seed, shuffle=False),
+                             args.batch_size, workers, pin)
+
+    num_classes = len(train_set.classes)
+    model = torchvision.models.get_model(args.arch, weights=None, num_classes=num_classes).to(device)
+    # AdamW with a per-iteration cosine decay: a robust default for short runs from scratch.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * len(train_loader))
+    print(f"=> training {args.arch} on {len(train_set)} images of {num_classes} classes, "
+          f"validating on {len(val_set)}, on {device}", flush=True)
+
+    for epoch in range(args.epochs):
+        started = time.time()
+        train_sampler.set_epoch(epoch)
+        loss, train_top1 = train_one_epoch(model, train_loader, optimizer, scheduler, device)
+        metrics = evaluate(model, val_loader, device, log=lambda _: None)
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.3f} acc@1 {train_top1:.2f}, "
+              f"val acc@1 {metrics['top1']:.2f} acc@5 {metrics['top5']:.2f} "
+              f"({time.time() - started:.1f}s)", flush=True)
+
+    # Metadata rides along; --teacher_weights reads only the state_dict entry.
+    torch.save({"state_dict": model.state_dict(), "arch": args.arch, "classes": train_set.classes,
+                "val_top1": metrics["top1"]}, args.out)
+    print(f"=> saved {args.arch} weights to {args.out} (val acc@1 {metrics['top1']:.2f}); use them "
+          f"with --teacher {args.arch} --teacher_weights {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
