@@ -11,7 +11,7 @@ import os
 import torch
 
 from models import reactnet
-from models.checkpoint import extract_state_dict, load_checkpoint, read_checkpoint
+from models.checkpoint import classes_in, load_checkpoint, read_checkpoint
 from utils.config import OneLineErrorParser
 from utils.data import MIN_IMAGE_SIZE, SeededSampler, default_workers, make_loader, open_split, val_transform
 from utils.engine import evaluate
@@ -32,15 +32,6 @@ def parse_args(argv=None):
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--print_freq", type=int, default=10)
     return parser.parse_args(argv)
-
-
-def classes_in(checkpoint, path):
-    """Output classes of the fc layer stored in the checkpoint."""
-    state_dict = extract_state_dict(checkpoint, path)
-    weight = state_dict.get("fc.weight")
-    if weight is None:
-        raise UserError(f"{path} has no fc.weight: it is not a ReActNet-A checkpoint")
-    return weight.shape[0]
 
 
 @report_user_errors

@@ -45,6 +45,14 @@ def extract_state_dict(checkpoint, path="checkpoint"):
     return {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
 
 
+def classes_in(checkpoint, path="checkpoint"):
+    """Output classes of the fc layer stored in ``checkpoint`` (a dict from read_checkpoint)."""
+    weight = extract_state_dict(checkpoint, path).get("fc.weight")
+    if weight is None:
+        raise CheckpointError(f"{path} has no fc.weight: it is not a ReActNet-A checkpoint")
+    return weight.shape[0]
+
+
 def strip_wrapper_prefixes(key):
     """``module._orig_mod.feature.0...`` -> ``feature.0...``."""
     stripped = True

@@ -14,7 +14,7 @@ BEST = "model_best.pth.tar"
 
 def _replace_atomically(tmp, path):
     """fsyncs ``tmp``, renames it over ``path`` and fsyncs the folder, so ``path`` is always whole."""
-    with open(tmp, "rb+") as f:
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -52,8 +52,17 @@ def save(state, folder, is_best=False):
     last = os.path.join(folder, LAST)
     _write(last, lambda tmp: torch.save(state, tmp))
     if is_best:
-        _write(os.path.join(folder, BEST), lambda tmp: shutil.copyfile(last, tmp))
+        _write(os.path.join(folder, BEST), lambda tmp: _link_or_copy(last, tmp))
     return last
+
+
+def _link_or_copy(source, target):
+    # A hard link costs no space or time; the next save replaces checkpoint.pth.tar by a new file,
+    # so the link keeps the old contents.
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def rng_state():

@@ -1,5 +1,4 @@
 """Knowledge distillation from a frozen real-valued teacher."""
-import torch
 import torch.nn.functional as F
 import torchvision
 

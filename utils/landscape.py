@@ -36,9 +36,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluate import classes_in  # noqa: E402
 from models import load_checkpoint, reactnet  # noqa: E402
-from models.checkpoint import read_checkpoint  # noqa: E402
+from models.checkpoint import classes_in, read_checkpoint  # noqa: E402
 from utils.config import OneLineErrorParser  # noqa: E402
 from utils.data import (MIN_IMAGE_SIZE, SeededSampler, default_workers, make_loader,  # noqa: E402
                         open_split, val_transform)
@@ -62,7 +61,8 @@ def parse_args(argv=None):
                              "2 for released files)")
     parser.add_argument("-j", "--workers", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="fixes the directions and which images are used")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="default: cuda when available")
     return parser.parse_args(argv)
 
 
@@ -172,11 +172,11 @@ def loss_surface(model, batches, directions, coordinates):
             index = tuple(i for i, _ in point)
             for name, p in params.items():
                 p.copy_(centre[name])
-                for direction, (_, step) in zip(directions, point):
-                    p.add_(direction[name], alpha=float(step))
+                for direction, (_, coordinate) in zip(directions, point):
+                    p.add_(direction[name], alpha=float(coordinate))
             losses[index] = mean_loss(model, batches)
             if done % max(1, len(grid) // 20) == 0 or done == len(grid):
-                where = ", ".join(f"{step:+.3f}" for _, step in point)
+                where = ", ".join(f"{coordinate:+.3f}" for _, coordinate in point)
                 print(f"[{done}/{len(grid)}] ({where}) loss {losses[index]:.4f} "
                       f"({time.time() - started:.0f}s)", flush=True)
     finally:

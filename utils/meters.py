@@ -2,7 +2,6 @@
 import datetime
 import time
 
-import torch
 
 
 class AverageMeter:

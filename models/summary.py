@@ -1,0 +1,100 @@
+"""Prints the per-layer cost of ReActNet-A and its BOPs, FLOPs, OPs, parameters and size.
+
+Run from the repository root:
+
+    python -m models.summary --image_size 224                # step-2 network, 1000 classes
+    python -m models.summary --step 1                        # binary activations, real weights
+    python -m models.summary --checkpoint step2/models/model_best.pth.tar
+
+With --checkpoint, the step comes from the checkpoint's metadata (2 for released files) and the
+number of classes from its fc layer; the weights are loaded strictly, so a file that does not fit
+is reported. The counts themselves depend only on the architecture and the image size.
+"""
+import argparse
+
+from utils.config import OneLineErrorParser
+from utils.data import MIN_IMAGE_SIZE
+from utils.errors import UserError, report_user_errors
+
+from .checkpoint import classes_in, load_checkpoint, read_checkpoint
+from .ops import BOPS_PER_OP, count_ops
+from .reactnet import reactnet
+
+DEFAULT_NUM_CLASSES = 1000
+COLUMNS = ("layer", "kind", "input", "output", "MACs", "params")
+
+
+def parse_args(argv=None):
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image_size", type=int, default=224, help="side of the square input image")
+    parser.add_argument("--num_classes", type=int, default=None,
+                        help=f"classifier outputs (default: from the checkpoint, else {DEFAULT_NUM_CLASSES})")
+    parser.add_argument("--step", type=int, choices=[1, 2], default=None,
+                        help="1: real weights, 2: binary weights (default: from the checkpoint, else 2)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint file (ours or released)")
+    return parser.parse_args(argv)
+
+
+def build_model(args):
+    """The network the flags describe, with the checkpoint's weights when one is given.
+
+    Returns:
+        (model, step).
+    """
+    if args.image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
+    if args.num_classes is not None and args.num_classes <= 0:
+        raise UserError(f"--num_classes must be positive, got {args.num_classes}")
+    checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else {}
+    step = args.step or checkpoint.get("step", 2)
+    num_classes = args.num_classes or (classes_in(checkpoint, args.checkpoint) if checkpoint
+                                       else DEFAULT_NUM_CLASSES)
+    model = reactnet(num_classes, binary_weights=step == 2)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    return model, step
+
+
+def format_table(layers):
+    """The per-layer rows as aligned text, one line per layer under a header."""
+    cells = [COLUMNS] + [(row["name"], row["kind"], format_shape(row["input_shape"]),
+                          format_shape(row["output_shape"]), f"{row['macs']:,}", f"{row['params']:,}")
+                         for row in layers]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    # Names and kinds read best left-aligned, shapes and numbers right-aligned.
+    aligned = [[cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))]
+               for line in cells]
+    return "\n".join("  ".join(line) for line in aligned)
+
+
+def format_shape(shape):
+    return "x".join(str(d) for d in shape)
+
+
+def format_totals(counts):
+    """BOPs, FLOPs, OPs, parameters and size, one per line."""
+    return "\n".join([
+        f"BOPs:   {counts['bops']:>15,}  ({counts['bops']:.3e})",
+        f"FLOPs:  {counts['flops']:>15,}  ({counts['flops']:.3e})",
+        f"OPs:    {round(counts['ops']):>15,}  ({counts['ops']:.3e}) = BOPs / {BOPS_PER_OP} + FLOPs",
+        f"params: {counts['params']:>15,}  ({counts['params_binary']:,} binary + "
+        f"{counts['params_real']:,} real)",
+        f"size:   {counts['size_mb']:>15.2f}  MB (binary weights at 1 bit, other parameters in "
+        f"fp32; 1 MB = 10^6 bytes)",
+    ])
+
+
+@report_user_errors
+def main(argv=None):
+    args = parse_args(argv)
+    model, step = build_model(args)
+    counts = count_ops(model, args.image_size)
+    print(f"ReActNet-A, step {step} ({'binary' if step == 2 else 'real'} weights), "
+          f"{model.fc.out_features} classes, {args.image_size}x{args.image_size} input")
+    print(format_table(counts["layers"]))
+    print(format_totals(counts))
+    return counts
+
+
+if __name__ == "__main__":
+    main()

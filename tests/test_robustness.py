@@ -1,0 +1,200 @@
+"""A run survives kills, preemption, full disks, corrupt images and divergence without losing work."""
+import errno
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torchvision
+
+from conftest import REPO, run_script, train_args, write_image_folder
+from utils import checkpoint
+from utils.errors import UserError
+
+STEP1 = os.path.join(REPO, "step1", "train.py")
+
+
+def step1_command(data, teacher, save, *extra, epochs=2):
+    """Two epochs of 6 iterations on tiny_data."""
+    return [sys.executable, STEP1, *map(str, train_args(data, teacher, save, "--print_freq", 1,
+                                                        *extra, epochs=epochs, batch_size=4))]
+
+
+def final_weights(save):
+    return torch.load(os.path.join(save, checkpoint.LAST), weights_only=True)["state_dict"]
+
+
+def assert_bit_identical(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+def one_error_line(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, teacher_weights, tmp_path_factory):
+    """Final weights of a 2-epoch run that nothing interrupts."""
+    save = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(step1_command(tiny_data, teacher_weights, save), check=True, capture_output=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return final_weights(save)
+
+
+def start(command):
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def wait_for(path, process, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
+                                                                 uninterrupted):
+    command = step1_command(tiny_data, teacher_weights, tmp_path, "--save_every_iters", 1)
+    process = start(command)
+    wait_for(tmp_path / checkpoint.LAST, process)
+    time.sleep(random.uniform(0, 4))
+    process.kill()
+    process.wait()
+    finished = subprocess.run(command, capture_output=True, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert finished.returncode == 0, finished.stderr
+    assert_bit_identical(final_weights(tmp_path), uninterrupted)
+
+
+def test_sigterm_saves_mid_epoch_and_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
+                                                             uninterrupted):
+    command = step1_command(tiny_data, teacher_weights, tmp_path)
+    process = start(command)
+    for line in process.stdout:  # signal in the middle of the second epoch
+        if line.startswith("Epoch: [1][0/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.stdout.read()
+    assert process.wait() == 128 + signal.SIGTERM
+    stopped = re.search(r"stopped by SIGTERM at epoch (\d+) iteration (\d+)", output)
+    assert stopped, output
+    epoch, iteration = int(stopped[1]), int(stopped[2])
+    assert epoch == 1 and 0 < iteration < 6
+    state = torch.load(tmp_path / checkpoint.LAST, weights_only=True)
+    assert (state["epoch"], state["iteration"]) == (epoch, iteration)
+
+    resumed = subprocess.run(command, capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at epoch 1 iteration {iteration}" in resumed.stdout
+    assert_bit_identical(final_weights(tmp_path), uninterrupted)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save({"epoch": 1}, tmp_path)
+    before = (tmp_path / checkpoint.LAST).read_bytes()
+
+    def disk_full(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match="No space left on device.*previous file there is intact"):
+        checkpoint.save({"epoch": 2}, tmp_path)
+    assert (tmp_path / checkpoint.LAST).read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [checkpoint.LAST]
+
+
+def test_partial_file_from_a_crash_is_removed_and_never_loaded(tiny_data, teacher_weights, tmp_path):
+    partial = tmp_path / f"{checkpoint.LAST}{checkpoint.PARTIAL}999"
+    partial.write_bytes(b"garbage from a crash")
+    result = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert not partial.exists()
+    assert torch.load(tmp_path / checkpoint.LAST, weights_only=True)["epoch"] == 1
+
+
+@pytest.fixture
+def one_epoch_run(tiny_data, teacher_weights, tmp_path):
+    result = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, tmp_path))
+    assert result.returncode == 0, result.stderr
+    return tmp_path
+
+
+def limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_while_saving_stops_cleanly(tiny_data, teacher_weights, one_epoch_run):
+    before = (one_epoch_run / checkpoint.LAST).read_bytes()
+    command = step1_command(tiny_data, teacher_weights, one_epoch_run)
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_file_size(10**7),
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    line = one_error_line(result)
+    assert "could not write" in line and "previous file there is intact" in line
+    assert (one_epoch_run / checkpoint.LAST).read_bytes() == before
+    assert not [name for name in os.listdir(one_epoch_run) if checkpoint.PARTIAL in name]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, teacher_weights, one_epoch_run):
+    poisoned = one_epoch_run / "nan_teacher.pth"
+    state = torch.load(teacher_weights, weights_only=True)
+    state["fc.bias"][0] = float("nan")
+    torch.save(state, poisoned)
+    before = (one_epoch_run / checkpoint.LAST).read_bytes()
+    args = train_args(tiny_data, poisoned, one_epoch_run, epochs=2)
+    line = one_error_line(run_script("step1/train.py", *args))
+    assert "non-finite" in line and "epoch 1 iteration 0" in line
+    assert (one_epoch_run / checkpoint.LAST).read_bytes() == before
+
+
+@pytest.fixture
+def corrupt_data(tiny_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    (root / "train" / "class_0" / "not_an_image.png").write_text("plain text")
+    good = (root / "train" / "class_1" / "0.png").read_bytes()
+    (root / "train" / "class_1" / "truncated.png").write_bytes(good[: len(good) // 3])
+    return root
+
+
+def test_corrupt_images_are_skipped_and_named(corrupt_data, teacher_weights, tmp_path):
+    result = run_script("step1/train.py", *train_args(corrupt_data, teacher_weights, tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert "skipped unreadable image" in result.stdout
+    assert "not_an_image.png" in result.stdout and "truncated.png" in result.stdout
+    assert "2 unreadable training images skipped" in result.stdout
+
+
+def test_too_many_corrupt_images_in_a_batch_stop_the_run(corrupt_data, teacher_weights, tmp_path):
+    args = train_args(corrupt_data, teacher_weights, tmp_path / "run", "--max_unreadable_share", 0)
+    line = one_error_line(run_script("step1/train.py", *args))
+    assert "unreadable" in line and "--max_unreadable_share" in line
+
+
+def test_resuming_a_run_folder_of_another_class_count_is_refused(teacher_weights, one_epoch_run, tmp_path):
+    four_classes = write_image_folder(tmp_path / "four", {"train": 2, "val": 1}, num_classes=4)
+    torch.manual_seed(0)
+    teacher4 = tmp_path / "teacher4.pth"
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), teacher4)
+    line = one_error_line(run_script("step1/train.py", *train_args(four_classes, teacher4, one_epoch_run)))
+    assert "3 classes" in line and "4 classes" in line and "new --save" in line
