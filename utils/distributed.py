@@ -61,6 +61,17 @@ def any_rank(flags, ctx):
     return [bool(v) for v in t.tolist()]
 
 
+def broadcast_buffers(module, ctx):
+    """Copies rank 0's buffers (BatchNorm statistics) to every rank.
+
+    Each rank updates BatchNorm statistics from its own share of the last batch; rank 0's are the
+    ones saved in checkpoints, so every rank validates with them.
+    """
+    if ctx.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier(ctx):
     if ctx.distributed:
         dist.barrier()

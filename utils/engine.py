@@ -301,6 +301,7 @@ class Trainer:
                 self.log(f"learning_rate: {self.optimizer.param_groups[0]['lr']}")
                 started = time.time()
                 self.train_one_epoch(stop)
+                distributed.broadcast_buffers(self.student, self.ctx)
                 metrics = evaluate(self.student, self.val_loader, self.device, args.amp,
                                    args.channels_last, self.log, args.print_freq, self.ctx)
                 self.epoch, self.iteration = self.epoch + 1, 0
