@@ -59,7 +59,8 @@ def build_parser(step, weight_decay):
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                         help="autocast precision (default none: the published fp32 numerics)")
     parser.add_argument("--channels_last", action="store_true", help="NHWC memory format")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the student (backend default: inductor)")
     parser.add_argument("--fused_optimizer", action="store_true",
                         help="PyTorch's fused Adam kernel (faster; rounds slightly differently)")
     if step == 2:

@@ -220,7 +220,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.student, device_ids=ids)
         if args.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, backend=args.compile)
         if self.ctx.is_main:
             with open(os.path.join(self.save_dir, "args.json"), "w") as f:
                 json.dump(self.resolved_args(), f, indent=2)
