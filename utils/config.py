@@ -35,7 +35,10 @@ def build_parser(step, weight_decay):
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
     parser.add_argument("--batch_size", type=int, default=256, help="global batch size (all processes)")
     parser.add_argument("--epochs", type=int, default=256)
-    parser.add_argument("--learning_rate", type=float, default=1.25e-3)
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="default: 1.25e-3 with Adam, 0.1 with SGD")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                        help="Adam (betas 0.9, 0.999; the paper's choice) or SGD with momentum 0.9")
     parser.add_argument("--weight_decay", type=float, default=weight_decay,
                         help=f"L2 on conv weights only (default {weight_decay:g})")
     parser.add_argument("--save", default=os.path.join(step_dir(step), "models"),
@@ -54,6 +57,8 @@ def build_parser(step, weight_decay):
     parser.add_argument("--max_unreadable_share", type=float, default=0.5,
                         help="unreadable images are skipped with a warning; stop when more than this "
                              "share of one batch is unreadable")
+    parser.add_argument("--no_metrics", action="store_true",
+                        help="skip the paper's flip-flop ratio, C2I and saturation measurements")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="default: cuda when available")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
@@ -70,8 +75,13 @@ def build_parser(step, weight_decay):
     return parser
 
 
+DEFAULT_LEARNING_RATES = {"adam": 1.25e-3, "sgd": 0.1}
+
+
 def check_args(args, world_size=1):
-    """Raises a UserError for values no run can use."""
+    """Fills in defaults that depend on other flags; raises a UserError for values no run can use."""
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LEARNING_RATES[args.optimizer]
     positive = {"--batch_size": args.batch_size, "--epochs": args.epochs,
                 "--learning_rate": args.learning_rate, "--print_freq": args.print_freq}
     for flag, value in positive.items():

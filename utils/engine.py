@@ -26,6 +26,7 @@ from .data import (SeededSampler, default_workers, make_loader, open_split, trai
 from .distill import build_teacher, distillation_loss
 from .errors import UserError, report_user_errors
 from .meters import AverageMeter, ProgressMeter, topk_correct
+from .monitor import PaperMetrics, TrainingLog
 
 
 class Stopped(Exception):
@@ -92,18 +93,19 @@ class RunLog:
                 f.write(message + "\n")
 
 
-def build_optimizer(model, learning_rate, weight_decay, fused=False):
-    """Adam with L2 weight decay on the convolution weights only.
+def build_optimizer(model, learning_rate, weight_decay, fused=False, name="adam"):
+    """Adam (or SGD with momentum 0.9) with L2 weight decay on the convolution weights only.
 
     Group 0 (no decay): BatchNorm, learnable biases, PReLU slopes, fc. Group 1: every conv weight.
-    ``fused=True`` uses PyTorch's fused Adam kernel (faster, rounds slightly differently).
+    ``fused=True`` uses PyTorch's fused kernel (faster, rounds slightly differently).
     """
     conv_weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
     conv_ids = {id(p) for p in conv_weights}
     others = [p for p in model.parameters() if id(p) not in conv_ids]
-    return torch.optim.Adam([{"params": others},
-                             {"params": conv_weights, "weight_decay": weight_decay}],
-                            lr=learning_rate, betas=(0.9, 0.999), fused=fused or None)
+    groups = [{"params": others}, {"params": conv_weights, "weight_decay": weight_decay}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=0.9, fused=fused or None)
+    return torch.optim.Adam(groups, lr=learning_rate, betas=(0.9, 0.999), fused=fused or None)
 
 
 def build_scheduler(optimizer, epochs):
@@ -200,11 +202,12 @@ class Trainer:
         if args.channels_last:
             self.student.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.student, args.learning_rate, args.weight_decay,
-                                         args.fused_optimizer)
+                                         args.fused_optimizer, args.optimizer)
         self.scheduler = build_scheduler(self.optimizer, args.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         self.epoch, self.iteration, self.best_top1 = 0, 0, 0.0
         self.unreadable_count = 0
+        self.initial_signs = None  # of the binary convs at the start of this step, for C2I
 
         resume_path = os.path.join(self.save_dir, checkpoint.LAST)
         if os.path.exists(resume_path):
@@ -212,6 +215,12 @@ class Trainer:
         elif init_from is not None:
             self.initialise_from(init_from)
 
+        # The paper's measurements read the weights, which are the same on every rank.
+        self.metrics = None
+        if self.ctx.is_main and not args.no_metrics:
+            self.metrics = PaperMetrics(self.student, self.initial_signs)
+            self.initial_signs = self.metrics.initial_signs
+        self.training_log = TrainingLog(self.save_dir, self.ctx.is_main)
         self.teacher = self.build_teacher().to(self.device)
         if args.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
@@ -258,6 +267,7 @@ class Trainer:
             "num_classes": self.num_classes,
             "args": self.resolved_args(),
             "rng": checkpoint.rng_state(),
+            "initial_signs": self.initial_signs,
         }
 
     def resume(self, path):
@@ -274,6 +284,7 @@ class Trainer:
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.best_top1 = state["best_top1_acc"]
         checkpoint.set_rng_state(state["rng"])
+        self.initial_signs = state.get("initial_signs")
         changed = {k: (v, getattr(self.args, k)) for k, v in state["args"].items()
                    if hasattr(self.args, k) and getattr(self.args, k) != v}
         self.log(f"=> resuming {path} at epoch {self.epoch} iteration {self.iteration} "
@@ -300,13 +311,19 @@ class Trainer:
                     self.scheduler.step()
                 self.log(f"learning_rate: {self.optimizer.param_groups[0]['lr']}")
                 started = time.time()
-                self.train_one_epoch(stop)
+                lr = self.optimizer.param_groups[0]["lr"]
+                train = self.train_one_epoch(stop)
                 distributed.broadcast_buffers(self.student, self.ctx)
-                metrics = evaluate(self.student, self.val_loader, self.device, args.amp,
-                                   args.channels_last, self.log, args.print_freq, self.ctx)
+                val = evaluate(self.student, self.val_loader, self.device, args.amp,
+                               args.channels_last, self.log, args.print_freq, self.ctx)
+                record = {"lr": lr, "epoch_time": time.time() - started,
+                          **{f"train_{k}": v for k, v in train.items()},
+                          **{f"val_{k}": v for k, v in val.items()},
+                          **(self.metrics.epoch_summary() if self.metrics else {})}
+                self.training_log.epoch(self.epoch, record, self.student)
                 self.epoch, self.iteration = self.epoch + 1, 0
-                is_best = metrics["top1"] > self.best_top1
-                self.best_top1 = max(self.best_top1, metrics["top1"])
+                is_best = val["top1"] > self.best_top1
+                self.best_top1 = max(self.best_top1, val["top1"])
                 self.save(is_best)
                 skipped = (f"; {self.unreadable_count} unreadable training images skipped so far"
                            if self.unreadable_count else "")
@@ -335,13 +352,18 @@ class Trainer:
         batch_time, data_time, losses, top1, top5 = meters
         progress = ProgressMeter(num_batches, meters, prefix=f"Epoch: [{self.epoch}]")
         end, stopping = time.time(), False
+        if self.metrics:
+            self.metrics.start_epoch()
+        # Hooks inside a compiled model would force recompilation, so saturation is sampled eagerly only.
+        sample_saturation = self.metrics and not args.compile
         for images, target, unreadable in stop.guard(self.train_loader):
             i = self.iteration
             data_time.update(time.time() - end)
             self.report_unreadable(unreadable, images)
             images = to_device(images, self.device, args.channels_last)
             target = target.to(self.device, non_blocking=True)
-            with autocast(self.device, args.amp):
+            with autocast(self.device, args.amp), \
+                    (self.metrics.sample_saturation() if sample_saturation else contextlib.nullcontext()):
                 logits = self.model(images)
                 with torch.inference_mode():
                     teacher_logits = self.teacher(images)
@@ -357,8 +379,12 @@ class Trainer:
                                 f"iteration {i}; stopped before updating the weights, the last "
                                 f"checkpoint in {self.save_dir} is kept: resume with a lower "
                                 f"--learning_rate or without --amp")
+            if self.metrics:
+                self.metrics.before_step()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.metrics:
+                self.metrics.after_step()
             self.iteration += 1
             n = len(target)
             losses.update(loss_value, n)
@@ -367,6 +393,10 @@ class Trainer:
             batch_time.update(time.time() - end)
             if i % args.print_freq == 0 or i == num_batches - 1 or stopping:
                 self.log(progress.line(i))
+                self.training_log.iteration(self.epoch * num_batches + i, {
+                    "loss": loss_value, "acc1": 100 * c1 / n, "acc5": 100 * c5 / n,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "images_per_s": n * self.ctx.world_size / batch_time.val})
             if stopping or (args.save_every_iters and self.iteration % args.save_every_iters == 0
                             and self.iteration < num_batches):
                 self.save()
@@ -434,4 +464,5 @@ def _train(args, step, binary_weights, init_from):
         trainer.log(f"=> {stopped}")
         sys.exit(128 + stopped.signum)
     finally:
+        trainer.training_log.close()
         distributed.shutdown(trainer.ctx)

@@ -1,0 +1,158 @@
+"""The AdamBNN paper's measurements, taken while training, and the TensorBoard log.
+
+- Flip-flop ratio: the share of binary-conv latent weights whose sign changed in an optimizer
+  step, ``sum |sign(w_t+1) - sign(w_t)| / 2 / count``, averaged over the epoch's iterations, overall
+  and per layer.
+- C2I: sign correlation between the current latent weights and those at the start of this step,
+  ``1 - 2 * share of signs that differ``. (The paper's printed formula does not reproduce its
+  printed values; this correlation does.)
+- Activation saturation: the share of pre-binarization activations with ``|x| > 1``, where the
+  activation's surrogate gradient is zero, per binary conv, on the first batches of each epoch.
+- CAM: the channel-wise absolute mean of each binary conv's latent weights, as histograms, with
+  histograms of the latent weights themselves.
+
+Sign bookkeeping stays on the device and is read once per epoch, so the per-iteration cost is two
+sign computations over the binary weights.
+"""
+import json
+import os
+
+import torch
+
+from models.reactnet import BasicBlock, binary_convs
+
+
+def sign_int8(weight):
+    return torch.sign(weight.detach()).to(torch.int8)
+
+
+class PaperMetrics:
+    """Flip-flop ratio, C2I and saturation of one ReActNet-A, accumulated per epoch."""
+
+    def __init__(self, model, initial_signs=None, saturation_batches=2):
+        self.layers = binary_convs(model)
+        self.initial_signs = initial_signs or {name: sign_int8(conv.weight) for name, conv in self.layers}
+        self.saturation_batches = saturation_batches
+        self.activation_inputs = [(f"{name}.binary_3x3", block.move11) for name, block in model.named_modules()
+                                  if isinstance(block, BasicBlock)]
+        self.activation_inputs += [(f"{name}.binary_pw", block.move21) for name, block in model.named_modules()
+                                   if isinstance(block, BasicBlock)]
+        self.start_epoch()
+
+    def start_epoch(self):
+        device = self.layers[0][1].weight.device
+        self.flips = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.saturated = {name: [0.0, 0] for name, _ in self.activation_inputs}
+        self.sampled_batches = 0
+        self.previous_signs = None
+
+    def before_step(self):
+        self.previous_signs = [sign_int8(conv.weight) for _, conv in self.layers]
+
+    def after_step(self):
+        for k, ((_, conv), previous) in enumerate(zip(self.layers, self.previous_signs)):
+            self.flips[k] += (sign_int8(conv.weight) - previous).abs().sum(dtype=torch.float64) / 2
+        self.previous_signs = None
+        self.steps += 1
+
+    def sample_saturation(self):
+        """A context manager that records saturation for this batch if it is among the first ones."""
+        if self.sampled_batches >= self.saturation_batches:
+            return _NoHooks()
+        self.sampled_batches += 1
+        return _SaturationHooks(self)
+
+    def epoch_summary(self):
+        """Per-epoch numbers: ``flip_flop``, ``c2i``, ``saturation`` (overall and per layer)."""
+        counts = torch.tensor([conv.weight.numel() for _, conv in self.layers], dtype=torch.float64)
+        flips = self.flips.cpu()
+        steps = max(self.steps, 1)
+        differing = torch.tensor([(sign_int8(conv.weight) != self.initial_signs[name]).sum().item()
+                                  for name, conv in self.layers], dtype=torch.float64)
+        saturation = {name: s / n for name, (s, n) in self.saturated.items() if n}
+        total_saturated = sum(s for s, _ in self.saturated.values())
+        total_seen = sum(n for _, n in self.saturated.values())
+        return {
+            "flip_flop": (flips.sum() / counts.sum() / steps).item(),
+            "flip_flop_per_layer": {name: (flips[k] / counts[k] / steps).item()
+                                    for k, (name, _) in enumerate(self.layers)},
+            "c2i": (1 - 2 * differing.sum() / counts.sum()).item(),
+            "c2i_per_layer": {name: (1 - 2 * differing[k] / counts[k]).item()
+                              for k, (name, _) in enumerate(self.layers)},
+            "saturation": total_saturated / total_seen if total_seen else None,
+            "saturation_per_layer": saturation,
+        }
+
+
+class _NoHooks:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _SaturationHooks:
+    def __init__(self, metrics):
+        self.metrics, self.handles = metrics, []
+
+    def record(self, name):
+        def hook(module, inputs, output):
+            counts = self.metrics.saturated[name]
+            counts[0] += (output.detach().abs() > 1).sum().item()
+            counts[1] += output.numel()
+        return hook
+
+    def __enter__(self):
+        self.handles = [module.register_forward_hook(self.record(name))
+                        for name, module in self.metrics.activation_inputs]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return False
+
+
+def channel_abs_mean(weight):
+    """CAM: mean |w| of every output channel."""
+    return weight.detach().abs().flatten(1).mean(dim=1)
+
+
+class TrainingLog:
+    """TensorBoard events and ``metrics.jsonl`` in the run folder (main process only)."""
+
+    def __init__(self, folder, enabled):
+        self.writer = None
+        self.jsonl = os.path.join(folder, "metrics.jsonl")
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+
+    def iteration(self, step, values):
+        if self.writer:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train_iter/{key}", value, step)
+
+    def epoch(self, epoch, record, model=None):
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(dict(epoch=epoch, **record)) + "\n")
+        for key, value in record.items():
+            if isinstance(value, dict):
+                for name, v in value.items():
+                    self.writer.add_scalar(f"{key}/{name}", v, epoch)
+            elif value is not None:
+                self.writer.add_scalar(f"epoch/{key}", value, epoch)
+        if model is not None:
+            for name, conv in binary_convs(model):
+                self.writer.add_histogram(f"cam/{name}", channel_abs_mean(conv.weight), epoch)
+                self.writer.add_histogram(f"latent_weights/{name}", conv.weight.detach(), epoch)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
