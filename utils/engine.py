@@ -277,6 +277,10 @@ class Trainer:
                        if "step" in state else "something other than this repository's training")
             raise UserError(f"{path} was made by {made_by}, but this is step {self.step} with "
                             f"{self.num_classes} classes: pass a new --save folder for this run")
+        saved_optimizer = state["args"].get("optimizer", "adam")
+        if saved_optimizer != self.args.optimizer:
+            raise UserError(f"{path} was trained with --optimizer {saved_optimizer}, not "
+                            f"{self.args.optimizer}: resume with the run's own flags or pass a new --save")
         load_checkpoint(self.student, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
