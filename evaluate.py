@@ -10,8 +10,7 @@ import os
 
 import torch
 
-from models import reactnet
-from models.checkpoint import classes_in, load_checkpoint, read_checkpoint
+from models.checkpoint import model_from_checkpoint
 from utils.config import OneLineErrorParser
 from utils.data import MIN_IMAGE_SIZE, SeededSampler, default_workers, make_loader, open_split, val_transform
 from utils.engine import evaluate
@@ -42,17 +41,10 @@ def main(argv=None):
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checkpoint = read_checkpoint(args.checkpoint)
-    step = args.step or checkpoint.get("step", 2)
-    num_classes = classes_in(checkpoint, args.checkpoint)
-    model = reactnet(num_classes, binary_weights=step == 2)
-    load_checkpoint(model, args.checkpoint)
+    model, step = model_from_checkpoint(args.checkpoint, args.step)
     model.to(device)
-
-    dataset = open_split(args.data, "val", val_transform(args.image_size))
-    if len(dataset.classes) != num_classes:
-        raise UserError(f"{args.checkpoint} predicts {num_classes} classes but {args.data}/val has "
-                        f"{len(dataset.classes)} class folders")
+    dataset = open_split(args.data, "val", val_transform(args.image_size),
+                         num_classes=model.fc.out_features)
     workers = default_workers() if args.workers is None else args.workers
     loader = make_loader(dataset, SeededSampler(len(dataset), shuffle=False), args.batch_size,
                          workers, device.type == "cuda")

@@ -1,8 +1,7 @@
 """Reading ReActNet-A weights from our checkpoints and from the authors' released files."""
-import pickle
-import zipfile
-
 import torch
+
+from .reactnet import reactnet
 
 # Prefixes that wrappers add to every key: nn.DataParallel / DDP, and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -24,9 +23,14 @@ def read_checkpoint(path):
         raise CheckpointError(f"no checkpoint file at {path}") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError,
-            ValueError, KeyError, TypeError, AttributeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except PermissionError:
+        raise CheckpointError(f"no permission to read {path}") from None
+    except Exception as e:  # garbage makes the unpickler fail in many ways; all mean "not a checkpoint"
+        if "Weights only load failed" in str(e):
+            reason = ("it holds pickled Python objects besides tensors and plain containers, which "
+                      "are never loaded since unpickling them could run code")
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason[:200]})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
@@ -91,6 +95,18 @@ def check_fits(state_dict, expected, path):
         raise CheckpointError(f"{path} does not fit this ReActNet-A: " + ", ".join(problems))
 
 
+def load_weights(model, checkpoint, path="checkpoint"):
+    """Loads the weights of an already read checkpoint dict into ``model``, strictly.
+
+    Raises:
+        CheckpointError: keys missing, unexpected or of another shape (all of them named).
+    """
+    expected = model.state_dict()
+    state_dict = convert_flat_binary_weights(extract_state_dict(checkpoint, path), expected)
+    check_fits(state_dict, expected, path)
+    model.load_state_dict(state_dict, strict=True)
+
+
 def load_checkpoint(model, path):
     """Loads weights into ``model`` strictly from any supported checkpoint file.
 
@@ -109,11 +125,26 @@ def load_checkpoint(model, path):
         CheckpointError: unreadable file, or keys missing, unexpected or of another shape.
     """
     checkpoint = read_checkpoint(path)
-    expected = model.state_dict()
-    state_dict = convert_flat_binary_weights(extract_state_dict(checkpoint, path), expected)
-    check_fits(state_dict, expected, path)
-    model.load_state_dict(state_dict, strict=True)
+    load_weights(model, checkpoint, path)
     return checkpoint
+
+
+def model_from_checkpoint(path, step=None):
+    """Builds the ReActNet-A that a checkpoint file holds and loads its weights.
+
+    Args:
+        path: any file ``load_checkpoint`` accepts.
+        step: 1 (real weights) or 2 (binary weights); by default the checkpoint's ``step``
+            metadata, or 2 for files without it (the released ones).
+
+    Returns:
+        ``(model, step)``, the model on the CPU in training mode.
+    """
+    checkpoint = read_checkpoint(path)
+    step = step or checkpoint.get("step", 2)
+    model = reactnet(classes_in(checkpoint, path), binary_weights=step == 2)
+    load_weights(model, checkpoint, path)
+    return model, step
 
 
 def _preview(d, limit=6):

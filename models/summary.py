@@ -16,7 +16,7 @@ from utils.config import OneLineErrorParser
 from utils.data import MIN_IMAGE_SIZE
 from utils.errors import UserError, report_user_errors
 
-from .checkpoint import classes_in, load_checkpoint, read_checkpoint
+from .checkpoint import model_from_checkpoint
 from .ops import BOPS_PER_OP, count_ops
 from .reactnet import reactnet
 
@@ -45,14 +45,10 @@ def build_model(args):
         raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
     if args.num_classes is not None and args.num_classes <= 0:
         raise UserError(f"--num_classes must be positive, got {args.num_classes}")
-    checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint else {}
-    step = args.step or checkpoint.get("step", 2)
-    num_classes = args.num_classes or (classes_in(checkpoint, args.checkpoint) if checkpoint
-                                       else DEFAULT_NUM_CLASSES)
-    model = reactnet(num_classes, binary_weights=step == 2)
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
-    return model, step
+        return model_from_checkpoint(args.checkpoint, args.step)
+    step = args.step or 2
+    return reactnet(args.num_classes or DEFAULT_NUM_CLASSES, binary_weights=step == 2), step
 
 
 def format_table(layers):

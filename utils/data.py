@@ -96,8 +96,13 @@ class SeededImageFolder(datasets.ImageFolder):
             return self.transform(image), target
 
 
-def open_split(root, split, transform, class_to_idx=None):
-    """Opens ``root/split`` as a SeededImageFolder, or raises a UserError that says what is wrong."""
+def open_split(root, split, transform, class_to_idx=None, num_classes=None):
+    """Opens ``root/split`` as a SeededImageFolder, or raises a UserError that says what is wrong.
+
+    Args:
+        class_to_idx: the classes another split uses; this split must have the same ones.
+        num_classes: the classes a model predicts; this split must have that many.
+    """
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise UserError(f"no '{split}' folder at {folder}: --data must hold {split}/<class>/<image> "
@@ -114,6 +119,9 @@ def open_split(root, split, transform, class_to_idx=None):
         raise UserError(f"the class folders of {folder} differ from train's: only in {split}: "
                         f"{only_here or 'none'}; only in train: {only_there or 'none'}; "
                         f"make both splits hold the same class folders")
+    if num_classes is not None and len(dataset.classes) != num_classes:
+        raise UserError(f"the model predicts {num_classes} classes but {folder} has "
+                        f"{len(dataset.classes)} class folders")
     return dataset
 
 

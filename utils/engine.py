@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from models import load_checkpoint, reactnet
-from models.checkpoint import read_checkpoint
+from models.checkpoint import load_weights, read_checkpoint
 
 from . import checkpoint, distributed
 from .config import build_parser, check_args
@@ -281,7 +281,7 @@ class Trainer:
         if saved_optimizer != self.args.optimizer:
             raise UserError(f"{path} was trained with --optimizer {saved_optimizer}, not "
                             f"{self.args.optimizer}: resume with the run's own flags or pass a new --save")
-        load_checkpoint(self.student, path)
+        load_weights(self.student, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

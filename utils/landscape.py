@@ -36,8 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import load_checkpoint, reactnet  # noqa: E402
-from models.checkpoint import classes_in, read_checkpoint  # noqa: E402
+from models.checkpoint import model_from_checkpoint  # noqa: E402
 from utils.config import OneLineErrorParser  # noqa: E402
 from utils.data import (MIN_IMAGE_SIZE, SeededSampler, default_workers, make_loader,  # noqa: E402
                         open_split, val_transform)
@@ -224,17 +223,10 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checkpoint = read_checkpoint(args.checkpoint)
-    step = args.step or checkpoint.get("step", 2)
-    num_classes = classes_in(checkpoint, args.checkpoint)
-    model = reactnet(num_classes, binary_weights=step == 2)
-    load_checkpoint(model, args.checkpoint)
+    model, step = model_from_checkpoint(args.checkpoint, args.step)
     model.to(device).eval()
-
-    dataset = open_split(args.data, "train", val_transform(args.image_size))
-    if len(dataset.classes) != num_classes:
-        raise UserError(f"{args.checkpoint} predicts {num_classes} classes but {args.data}/train has "
-                        f"{len(dataset.classes)} class folders")
+    dataset = open_split(args.data, "train", val_transform(args.image_size),
+                         num_classes=model.fc.out_features)
     make_out_dir(args.out)
     workers = default_workers() if args.workers is None else args.workers
     batches, skipped = cache_batches(dataset, args.batches, args.batch_size, args.seed, workers, device)
