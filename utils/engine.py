@@ -383,8 +383,6 @@ class Trainer:
                                 f"iteration {i}; stopped before updating the weights, the last "
                                 f"checkpoint in {self.save_dir} is kept: resume with a lower "
                                 f"--learning_rate or without --amp")
-            if self.metrics:
-                self.metrics.before_step()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.metrics:

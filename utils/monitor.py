@@ -11,8 +11,8 @@
 - CAM: the channel-wise absolute mean of each binary conv's latent weights, as histograms, with
   histograms of the latent weights themselves.
 
-Sign bookkeeping stays on the device and is read once per epoch, so the per-iteration cost is two
-sign computations over the binary weights.
+Sign bookkeeping stays on the device and is read once per epoch, so the per-iteration cost is one
+sign computation over the binary weights and a comparison with the previous one.
 """
 import json
 import os
@@ -33,6 +33,7 @@ class PaperMetrics:
         self.layers = binary_convs(model)
         self.initial_signs = initial_signs or {name: sign_int8(conv.weight) for name, conv in self.layers}
         self.saturation_batches = saturation_batches
+        self.signs = None  # of the latent weights after the last optimizer step
         self.activation_inputs = [(f"{name}.binary_3x3", block.move11) for name, block in model.named_modules()
                                   if isinstance(block, BasicBlock)]
         self.activation_inputs += [(f"{name}.binary_pw", block.move21) for name, block in model.named_modules()
@@ -45,15 +46,19 @@ class PaperMetrics:
         self.steps = 0
         self.saturated = {name: [0.0, 0] for name, _ in self.activation_inputs}
         self.sampled_batches = 0
-        self.previous_signs = None
+        # Validation does not move the weights, so the signs after the last step stay current.
+        if self.signs is None:
+            self.signs = self.current_signs()
 
-    def before_step(self):
-        self.previous_signs = [sign_int8(conv.weight) for _, conv in self.layers]
+    def current_signs(self):
+        return [sign_int8(conv.weight) for _, conv in self.layers]
 
     def after_step(self):
-        for k, ((_, conv), previous) in enumerate(zip(self.layers, self.previous_signs)):
-            self.flips[k] += (sign_int8(conv.weight) - previous).abs().sum(dtype=torch.float64) / 2
-        self.previous_signs = None
+        """Counts the sign flips of the optimizer step that just ran."""
+        signs = self.current_signs()
+        for k, (new, old) in enumerate(zip(signs, self.signs)):
+            self.flips[k] += (new - old).abs().sum(dtype=torch.float64) / 2
+        self.signs = signs
         self.steps += 1
 
     def sample_saturation(self):
