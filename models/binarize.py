@@ -34,7 +34,7 @@ class ScaledSignWithClipGrad(torch.autograd.Function):
     """Weight binarizer of XNOR-Net / ReActNet (Rastegari et al., ECCV 2016; Liu et al., ECCV 2020).
 
     Forward:  ``Wb = alpha * sign(W)`` with ``alpha[o] = mean(|W[o]|)`` over in-channels and kernel,
-    one scale per output channel. The scale is computed in float32 whatever the input precision.
+    one scale per output channel. The scale is computed in at least float32 precision.
 
     Backward: ``alpha`` is a constant and the sign is passed straight through a clip, i.e. the
     derivative of ``clamp(W, -1, 1)``: ``dWb/dW = 1`` where ``|W| <= 1`` and 0 elsewhere.
@@ -43,7 +43,8 @@ class ScaledSignWithClipGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight):
         ctx.save_for_backward(weight)
-        alpha = weight.float().abs().mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+        precise = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        alpha = precise.abs().mean(dim=tuple(range(1, weight.dim())), keepdim=True)
         return (alpha * torch.sign(weight)).to(weight.dtype)
 
     @staticmethod

@@ -8,11 +8,13 @@ import contextlib
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -178,7 +180,7 @@ class Trainer:
         self.args, self.step = args, step
         self.ctx = distributed.init(args.device)
         check_args(args, self.ctx.world_size)
-        torch.manual_seed(args.seed)
+        seed_everything(args.seed)
         self.save_dir = prepare_run_folder(args.save, self.ctx)
         self.log = RunLog(os.path.join(self.save_dir, "log.txt"), self.ctx.is_main)
         self.device = self.ctx.device
@@ -205,9 +207,15 @@ class Trainer:
                                          args.fused_optimizer, args.optimizer)
         self.scheduler = build_scheduler(self.optimizer, args.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
-        self.epoch, self.iteration, self.best_top1 = 0, 0, 0.0
+        # Below any accuracy, so the first validation always writes model_best.pth.tar.
+        self.epoch, self.iteration, self.best_top1 = 0, 0, float("-inf")
         self.unreadable_count = 0
         self.initial_signs = None  # of the binary convs at the start of this step, for C2I
+
+        # Before resuming: the teacher's random initialisation must not draw from the restored RNG.
+        self.teacher = self.build_teacher().to(self.device)
+        if args.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
 
         resume_path = os.path.join(self.save_dir, checkpoint.LAST)
         if os.path.exists(resume_path):
@@ -221,9 +229,6 @@ class Trainer:
             self.metrics = PaperMetrics(self.student, self.initial_signs)
             self.initial_signs = self.metrics.initial_signs
         self.training_log = TrainingLog(self.save_dir, self.ctx.is_main)
-        self.teacher = self.build_teacher().to(self.device)
-        if args.channels_last:
-            self.teacher.to(memory_format=torch.channels_last)
         self.model = self.student
         if self.ctx.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -420,6 +425,12 @@ class Trainer:
             raise UserError(f"{len(unreadable)} of {readable + len(unreadable)} images of a batch "
                             f"were unreadable (e.g. {unreadable[0].path}), more than "
                             f"--max_unreadable_share {self.args.max_unreadable_share}: check the dataset")
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def prepare_run_folder(folder, ctx):

@@ -1,0 +1,294 @@
+"""The training recipe of SPEC section 3 (optimizer, schedule, loss) and exact resume."""
+import json
+import math
+import os
+import random
+import re
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from models import reactnet
+from utils.config import build_parser
+from utils.distill import distillation_loss
+from utils.engine import Trainer, build_optimizer, build_scheduler
+
+from conftest import REPO, run_script, train_args
+
+LR, WD = 1.25e-3, 5e-6
+CHECKPOINT_KEYS = {"epoch", "iteration", "state_dict", "optimizer", "scheduler", "best_top1_acc",
+                   "step", "num_classes", "args"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return reactnet(num_classes=4)
+
+
+def conv_weight_names(model):
+    """Every conv weight by the names SPEC gives them: the stem's conv1 and the binary_* convs."""
+    return {name for name, _ in model.named_parameters()
+            if name == "feature.0.conv1.weight" or (".binary_" in name and name.endswith(".weight"))}
+
+
+def group_names(model, group):
+    ids = {id(p) for p in group["params"]}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+# --- Optimizer ---
+
+def test_optimizer_is_adam_with_published_betas(model):
+    optimizer = build_optimizer(model, LR, WD)
+    assert type(optimizer) is torch.optim.Adam
+    assert len(optimizer.param_groups) == 2
+    for group in optimizer.param_groups:
+        assert group["betas"] == (0.9, 0.999) and group["lr"] == LR
+        assert not group.get("decoupled_weight_decay", False)
+
+
+def test_weight_decay_applies_to_every_conv_weight_and_nothing_else(model):
+    optimizer = build_optimizer(model, LR, WD)
+    decayed = set().union(*(group_names(model, g) for g in optimizer.param_groups if g["weight_decay"] > 0))
+    plain = set().union(*(group_names(model, g) for g in optimizer.param_groups if g["weight_decay"] == 0))
+    assert all(g["weight_decay"] in (0, WD) for g in optimizer.param_groups)
+    assert decayed == conv_weight_names(model)
+    # Stem; 13 binary_3x3; binary_pw of 8 blocks; binary_pw_down1/2 of the 5 widening blocks.
+    assert len(decayed) == 1 + 13 + 8 + 5 * 2
+    assert plain == {name for name, _ in model.named_parameters()} - decayed
+    assert {"feature.0.bn1.weight", "feature.1.move11.bias", "feature.1.prelu1.weight",
+            "feature.2.bn2_1.bias", "fc.weight", "fc.bias"} <= plain
+
+
+def test_weight_decay_is_l2_added_to_the_gradient():
+    # One Adam step on a zero loss gradient: L2 makes the gradient wd * w, so the first step
+    # moves w by lr * g / (|g| + eps); AdamW would move it by lr * wd * w instead.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))
+    optimizer = build_optimizer(net, LR, WD)
+    before = [p.detach().clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    g = WD * before[0]
+    torch.testing.assert_close(net[0].weight.detach(), before[0] - LR * g / (g.abs() + 1e-8))
+    for p, old in zip(list(net.parameters())[1:], before[1:]):
+        assert torch.equal(p.detach(), old)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+def test_learning_rate_of_each_epoch():
+    epochs = 4
+    optimizer = build_optimizer(nn.Conv2d(1, 1, 1), LR, WD)
+    scheduler = build_scheduler(optimizer, epochs)
+    used = []
+    for _ in range(epochs):
+        scheduler.step()  # at the start of the epoch, as the engine does
+        used.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+    expected = [LR * (1 - (e + 1) / epochs) for e in range(epochs)]
+    for lrs, lr in zip(used, expected):
+        assert lrs == pytest.approx([lr, lr], abs=1e-15)
+    assert used[-1] == [0.0, 0.0]
+
+
+# --- Distillation loss ---
+
+def soft_cross_entropy_by_hand(student, teacher):
+    """mean_b -sum_c p_t log p_s, element by element in float64."""
+    total = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        t_max, s_max = max(t_row), max(s_row)
+        t_exp = [math.exp(v - t_max) for v in t_row]
+        p_t = [e / sum(t_exp) for e in t_exp]
+        log_z = s_max + math.log(sum(math.exp(v - s_max) for v in s_row))
+        total += -sum(p * (v - log_z) for p, v in zip(p_t, s_row))
+    return total / len(student)
+
+
+def logits_pair(batch=5, classes=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, classes, generator=g) * 3, torch.randn(batch, classes, generator=g) * 3
+
+
+def test_distillation_loss_is_soft_cross_entropy():
+    student, teacher = logits_pair()
+    loss = distillation_loss(student, teacher)
+    assert loss.item() == pytest.approx(soft_cross_entropy_by_hand(student, teacher), rel=1e-6)
+
+
+def test_distillation_loss_is_not_hard_label_cross_entropy():
+    student, teacher = logits_pair(seed=1)
+    hard = nn.functional.cross_entropy(student, teacher.argmax(1))
+    assert distillation_loss(student, teacher).item() != pytest.approx(hard.item(), rel=1e-3)
+
+
+def test_distillation_gradient_wrt_student_logits():
+    student, teacher = logits_pair(seed=2)
+    student.requires_grad_(True)
+    distillation_loss(student, teacher).backward()
+    expected = (torch.softmax(student.detach(), 1) - torch.softmax(teacher, 1)) / len(student)
+    torch.testing.assert_close(student.grad, expected)
+
+
+def test_distillation_refuses_teacher_logits_that_require_grad():
+    student, teacher = logits_pair(seed=3)
+    with pytest.raises(ValueError):
+        distillation_loss(student, teacher.requires_grad_(True))
+
+
+# --- Resume ---
+
+# Runs step1/train.py inside the wrapper's own process and ends it right after the first
+# checkpoint is written, as a crash or a preemption would at an epoch boundary.
+CRASH_AFTER_FIRST_SAVE = textwrap.dedent("""
+    import os, runpy, sys
+    repo = sys.argv.pop(1)
+    sys.path.insert(0, repo)
+    import utils.checkpoint
+    save = utils.checkpoint.save
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        os._exit(75)
+    utils.checkpoint.save = save_then_die
+    sys.argv[0] = os.path.join(repo, "step1", "train.py")
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def trainer_state(trainer):
+    return {"state_dict": trainer.student.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(), "epoch": trainer.epoch,
+            "iteration": trainer.iteration, "best_top1_acc": trainer.best_top1,
+            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def assert_same(a, b, where="checkpoint"):
+    """Equal down to the bit, through nested dicts, lists and tuples of tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def val_accuracies(log):
+    return [float(v) for v in re.findall(r"^ \* acc@1 (\S+) acc@5", log, flags=re.M)]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, teacher_weights, tmp_path_factory):
+    """A 2-epoch run that dies after epoch 0 and is resumed, and the same run uninterrupted."""
+    root = tmp_path_factory.mktemp("resume")
+    wrapper = root / "crash_after_first_save.py"
+    wrapper.write_text(CRASH_AFTER_FIRST_SAVE)
+    interrupted, uninterrupted = str(root / "interrupted"), str(root / "uninterrupted")
+
+    crashed = run_script(str(wrapper), REPO, *train_args(tiny_data, teacher_weights, interrupted, epochs=2))
+    saved = load(os.path.join(interrupted, "checkpoint.pth.tar"))
+
+    # What a resuming run holds once set up, captured in this process from a copy of the folder.
+    copy = root / "restored"
+    copy.mkdir()
+    shutil.copy(os.path.join(interrupted, "checkpoint.pth.tar"), copy)
+    flags = [str(a) for a in train_args(tiny_data, teacher_weights, str(copy), epochs=2)]
+    restored = trainer_state(Trainer(build_parser(1, WD).parse_args(flags), 1, False))
+
+    resumed = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, interrupted, epochs=2))
+    straight = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, uninterrupted, epochs=2))
+    return {"crashed": crashed, "saved": saved, "restored": restored, "resumed": resumed,
+            "straight": straight, "interrupted": interrupted, "uninterrupted": uninterrupted}
+
+
+def test_interrupted_run_stopped_after_its_first_checkpoint(runs):
+    assert runs["crashed"].returncode == 75, runs["crashed"].stderr[-2000:]
+    assert runs["saved"]["epoch"] == 1 and runs["saved"]["iteration"] == 0
+
+
+def test_rerun_resumes_at_epoch_1(runs):
+    assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-2000:]
+    assert re.search(r"resuming .* at epoch 1\b", runs["resumed"].stdout)
+    with open(os.path.join(runs["interrupted"], "log.txt")) as f:
+        assert re.search(r"^=> resuming .* at epoch 1\b", f.read(), flags=re.M)
+    assert "Epoch: [0]" not in runs["resumed"].stdout and "Epoch: [1]" in runs["resumed"].stdout
+
+
+def test_resume_restores_model_optimizer_scheduler_and_position(runs):
+    saved, restored = runs["saved"], runs["restored"]
+    assert saved["optimizer"]["state"], "Adam has no moments to compare"
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(saved["optimizer"]["state"][0])
+    for key in ("state_dict", "optimizer", "scheduler", "epoch", "iteration", "best_top1_acc"):
+        assert_same(restored[key], saved[key], key)
+
+
+def test_resume_restores_python_and_numpy_rng(runs):
+    saved, restored = runs["saved"]["rng"], runs["restored"]
+    kind, keys, pos, has_gauss, cached = restored["numpy"]
+    assert kind == saved["numpy"]["kind"] and pos == saved["numpy"]["pos"]
+    assert np.array_equal(keys, saved["numpy"]["keys"].numpy().astype(np.uint32))
+    assert restored["python"][1] == tuple(saved["python"][1])
+
+
+def test_resume_restores_torch_rng(runs):
+    assert torch.equal(runs["restored"]["torch"], runs["saved"]["rng"]["torch"])
+
+
+def test_resumed_run_equals_uninterrupted_run(runs):
+    assert runs["straight"].returncode == 0, runs["straight"].stderr[-2000:]
+    resumed = load(os.path.join(runs["interrupted"], "checkpoint.pth.tar"))
+    straight = load(os.path.join(runs["uninterrupted"], "checkpoint.pth.tar"))
+    for key in ("state_dict", "optimizer", "scheduler", "epoch", "best_top1_acc"):
+        assert_same(resumed[key], straight[key], key)
+
+
+def test_resumed_run_ends_with_the_uninterrupted_torch_rng_state(runs):
+    resumed = load(os.path.join(runs["interrupted"], "checkpoint.pth.tar"))
+    straight = load(os.path.join(runs["uninterrupted"], "checkpoint.pth.tar"))
+    assert torch.equal(resumed["rng"]["torch"], straight["rng"]["torch"])
+
+
+# --- What a run folder holds ---
+
+def test_checkpoint_content(runs):
+    checkpoint = load(os.path.join(runs["uninterrupted"], "checkpoint.pth.tar"))
+    assert CHECKPOINT_KEYS <= set(checkpoint)
+    assert checkpoint["epoch"] == 2 and checkpoint["iteration"] == 0
+    assert checkpoint["step"] == 1 and checkpoint["num_classes"] == 3
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["state_dict"])
+    assert list(checkpoint["state_dict"]) == list(reactnet(3).state_dict())
+    assert type(checkpoint["args"]) is dict
+    assert checkpoint["args"]["epochs"] == 2 and checkpoint["args"]["weight_decay"] == WD
+
+
+def test_best_accuracy_is_the_best_validation_line(runs):
+    with open(os.path.join(runs["uninterrupted"], "log.txt")) as f:
+        accuracies = val_accuracies(f.read())
+    assert len(accuracies) == 2
+    checkpoint = load(os.path.join(runs["uninterrupted"], "checkpoint.pth.tar"))
+    assert checkpoint["best_top1_acc"] == pytest.approx(max(accuracies), abs=5e-4)
+
+
+def test_run_folder_holds_args_json_and_best_model(runs):
+    folder = runs["uninterrupted"]
+    with open(os.path.join(folder, "args.json")) as f:
+        args = json.load(f)
+    assert args == load(os.path.join(folder, "checkpoint.pth.tar"))["args"]
+    assert args["batch_size"] == 8 and args["image_size"] == 32
+    best = load(os.path.join(folder, "model_best.pth.tar"))
+    assert set(best["state_dict"]) == set(reactnet(3).state_dict())
