@@ -1,0 +1,282 @@
+"""Runs the AdamBNN paper's ablation grid on one dataset and tabulates the results.
+
+The grid: Adam vs SGD (two-step, weight decay 5e-6 in step 1 then 0), step-1 weight decay
+1e-5 / 5e-6 / 0 before a step 2 without weight decay, and one-step training (step 2 from scratch
+for the same total number of epochs) with the same three weight decays. Every training run is a
+subprocess of step1/train.py or step2/train.py with its own folder OUT/runs/<name>; two-step
+configurations that start from the same step 1 share that run. Runs that already hold all their
+epochs are skipped and stopped ones resume, so running the same command again continues the grid.
+The table goes to OUT/ablation.md and is printed.
+
+    python utils/ablation.py --data DATA --out ablation --epochs 4 \\
+        --teacher resnet18 --teacher_weights teacher.pth -- --device cpu
+"""
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.checkpoint import LAST  # noqa: E402
+from utils.config import REPO_ROOT, OneLineErrorParser  # noqa: E402
+from utils.errors import UserError, report_user_errors  # noqa: E402
+
+FIRST_BINARY_LAYER = "feature.1.binary_3x3"  # the layer whose saturation the paper reports
+
+
+def decay_text(weight_decay):
+    """``5e-06`` -> ``5e-6``: short enough for folder names and table cells."""
+    return f"{weight_decay:g}".replace("e-0", "e-")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row of the paper's ablation.
+
+    Attributes:
+        optimizer: ``adam`` or ``sgd`` (each with the train scripts' default learning rate).
+        step1_weight_decay: weight decay of step 1, or None for one-step training.
+        step2_weight_decay: weight decay of step 2 (of the only step, for one-step training).
+    """
+    optimizer: str
+    step1_weight_decay: float | None
+    step2_weight_decay: float
+
+    @property
+    def two_step(self):
+        return self.step1_weight_decay is not None
+
+    @property
+    def schedule(self):
+        return "two-step" if self.two_step else "one-step"
+
+    @property
+    def weight_decays(self):
+        if not self.two_step:
+            return decay_text(self.step2_weight_decay)
+        return f"{decay_text(self.step1_weight_decay)} -> {decay_text(self.step2_weight_decay)}"
+
+    @property
+    def name(self):
+        decays = self.weight_decays.replace(" -> ", "_")
+        return f"{self.optimizer}_{self.schedule.replace('-', '')}_wd{decays}"
+
+    @property
+    def step1_name(self):
+        return f"step1_{self.optimizer}_wd{decay_text(self.step1_weight_decay)}"
+
+
+# Table 1 of the paper (one-step and two-step at three weight decays) plus its Adam vs SGD pair.
+CONFIGS = [
+    Config("adam", 1e-5, 0.0),
+    Config("adam", 5e-6, 0.0),
+    Config("adam", 0.0, 0.0),
+    Config("adam", None, 1e-5),
+    Config("adam", None, 5e-6),
+    Config("adam", None, 0.0),
+    Config("sgd", 5e-6, 0.0),
+]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One call of a train script; ``flags`` exclude those shared by every run."""
+    name: str
+    script: str
+    epochs: int
+    flags: tuple
+
+
+def plan(configs, epochs, runs_dir):
+    """The training runs behind ``configs`` in execution order, each step-1 run listed once.
+
+    A two-step configuration trains step 1 and step 2 for ``epochs`` each, step 2 starting from
+    step 1's best checkpoint; a one-step configuration trains step 2 from scratch for
+    ``2 * epochs``, so both see the same number of epochs in all.
+    """
+    runs = {}
+    for config in configs:
+        if config.two_step:
+            runs.setdefault(config.step1_name, Run(
+                config.step1_name, "step1/train.py", epochs,
+                ("--optimizer", config.optimizer, "--weight_decay", str(config.step1_weight_decay))))
+            start = os.path.join(runs_dir, config.step1_name, "model_best.pth.tar")
+        else:
+            start = "none"
+        runs[config.name] = Run(
+            config.name, "step2/train.py", epochs if config.two_step else 2 * epochs,
+            ("--optimizer", config.optimizer, "--weight_decay", str(config.step2_weight_decay),
+             "--step1_checkpoint", start))
+    return list(runs.values())
+
+
+def completed_epochs(folder):
+    """Epochs finished in ``folder`` according to its last checkpoint (0 when there is none).
+
+    The checkpoint is memory-mapped, so only its small entries are read. One that cannot be read
+    counts as unfinished: the train script then explains what is wrong with it.
+    """
+    path = os.path.join(folder, LAST)
+    if not os.path.isfile(path):
+        return 0
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("epoch", 0)
+    except (OSError, RuntimeError, pickle.UnpicklingError):
+        return 0
+
+
+def train(run, runs_dir, shared_flags):
+    """Runs one train script to completion, unless its folder already holds all its epochs."""
+    folder = os.path.join(runs_dir, run.name)
+    if completed_epochs(folder) >= run.epochs:
+        print(f"=> {run.name}: all {run.epochs} epochs already done", flush=True)
+        return
+    command = [sys.executable, os.path.join(REPO_ROOT, run.script), *shared_flags,
+               "--epochs", str(run.epochs), "--save", folder, *run.flags]
+    print(f"=> {run.name}: training ({' '.join(command[1:])}); progress in {folder}/log.txt",
+          flush=True)
+    # Progress lines are already in log.txt; errors and warnings still reach the terminal.
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        status = process.wait()
+    except KeyboardInterrupt:
+        # The train script got the same Ctrl-C and is writing a resumable checkpoint: let it finish.
+        status = process.wait()
+    if status:
+        raise UserError(f"{run.name} stopped with exit status {status} (see {folder}/log.txt); "
+                        f"run the same command to continue")
+
+
+def read_metrics(folder):
+    """The records of ``folder/metrics.jsonl`` in epoch order, one per epoch.
+
+    An epoch that was interrupted after its record was written is trained again on resume and
+    logged twice; the later record is the one the checkpoint kept.
+    """
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    by_epoch = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                by_epoch[record["epoch"]] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def percent(share):
+    return None if share is None else 100 * share
+
+
+def summarize(records):
+    """Table values of one run from its metrics records; None where a value was not measured."""
+    last = records[-1]
+    flip_flops = [r["flip_flop"] for r in records if r.get("flip_flop") is not None]
+    return {
+        "epochs": len(records),
+        "final_top1": last["val_top1"],
+        "best_top1": max(r["val_top1"] for r in records),
+        "mean_flip_flop": sum(flip_flops) / len(flip_flops) if flip_flops else None,
+        "c2i": last.get("c2i"),
+        "saturation": percent(last.get("saturation")),
+        "saturation_first": percent((last.get("saturation_per_layer") or {}).get(FIRST_BINARY_LAYER)),
+    }
+
+
+COLUMNS = ["configuration", "optimizer", "schedule", "weight decay", "epochs (final step)",
+           "final acc@1 (%)", "best acc@1 (%)", "mean flip-flop", "final C2I",
+           "saturation (%)", f"saturation {FIRST_BINARY_LAYER} (%)"]
+
+
+def cell(value, form):
+    return "n/a" if value is None else format(value, form)
+
+
+def table(configs, runs_dir):
+    """Markdown table, one row per configuration whose final run has at least one epoch logged."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for config in configs:
+        records = read_metrics(os.path.join(runs_dir, config.name))
+        if not records:
+            continue
+        s = summarize(records)
+        row = [config.name, config.optimizer, config.schedule, config.weight_decays, str(s["epochs"]),
+               cell(s["final_top1"], ".2f"), cell(s["best_top1"], ".2f"),
+               cell(s["mean_flip_flop"], ".3e"), cell(s["c2i"], ".4f"),
+               cell(s["saturation"], ".1f"), cell(s["saturation_first"], ".1f")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+NOTES = """
+All numbers are of each configuration's final step (step 2; the only step for one-step runs).
+Accuracy is validation acc@1; the flip-flop ratio is averaged over the step's epochs; C2I is the
+sign correlation between the final latent weights and those at the start of the step (for
+two-step runs: the step-1 weights); saturation is the share of pre-binarization activations with
+|x| > 1, on the first batches of the last epoch.
+"""
+
+
+def write_report(configs, runs_dir, path):
+    """Writes the table and its notes to ``path``; returns the table."""
+    text = table(configs, runs_dir)
+    with open(path, "w") as f:
+        f.write("# AdamBNN ablation\n\n" + text + NOTES)
+    return text
+
+
+def parse_args(argv=None):
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
+    parser.add_argument("--out", required=True,
+                        help="folder for the runs (OUT/runs/<name>) and the table (OUT/ablation.md)")
+    parser.add_argument("--epochs", type=int, default=256,
+                        help="epochs per step; one-step runs train twice as many (default 256)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=[c.name for c in CONFIGS],
+                        help=f"train only these configurations: {', '.join(c.name for c in CONFIGS)}")
+    forwarded = parser.add_argument_group("passed to every train script when given")
+    forwarded.add_argument("--teacher", help="torchvision model name of the teacher")
+    forwarded.add_argument("--teacher_weights", help="state_dict file of the teacher")
+    forwarded.add_argument("--batch_size", type=int)
+    forwarded.add_argument("--image_size", type=int)
+    forwarded.add_argument("-j", "--workers", type=int)
+    parser.add_argument("extra", nargs="*",
+                        help="after '--': more flags for every train script, e.g. -- --device cpu")
+    return parser.parse_args(argv)
+
+
+@report_user_errors
+def main(argv=None):
+    args = parse_args(argv)
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be positive, got {args.epochs}")
+    if not os.path.isdir(args.data):
+        raise UserError(f"data folder {args.data} does not exist: --data must hold train/ and val/")
+    runs_dir = os.path.join(os.path.abspath(args.out), "runs")
+    try:
+        os.makedirs(runs_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {runs_dir} ({e.strerror}): pass a writable --out") from None
+
+    shared_flags = ["--data", args.data]
+    for flag in ("teacher", "teacher_weights", "batch_size", "image_size", "workers"):
+        value = getattr(args, flag)
+        if value is not None:
+            shared_flags += [f"--{flag}", str(value)]
+    shared_flags += args.extra
+
+    selected = [c for c in CONFIGS if args.only is None or c.name in args.only]
+    for run in plan(selected, args.epochs, runs_dir):
+        train(run, runs_dir, shared_flags)
+    print(write_report(CONFIGS, runs_dir, os.path.join(args.out, "ablation.md")), end="", flush=True)
+
+
+if __name__ == "__main__":
+    main()
