@@ -1,9 +1,9 @@
 """Writes a small synthetic image-classification dataset in ImageFolder layout, for the demo.
 
-Each image holds one object on a cluttered background; the class is the object's shape (disk,
-ring, square, triangle, cross) or the orientation of its stripes. Position, size, rotation and
-every colour are random, so the mean colour says nothing about the class, crops can cut the
-object and flips keep the label. Every image is a function of ``(seed, split, class, index)``.
+Each image holds one textured patch on a cluttered background; the class is the texture
+(horizontal or vertical stripes, checks, dots, concentric rings, plain). The patch's place, size,
+outline, tilt, pattern scale and phase and every colour are random, so the mean colour says
+nothing about the class, random crops can cut the patch and horizontal flips keep the label. Every image is a function of ``(seed, split, class, index)``.
 
     python utils/make_demo_data.py --out demo_output/data --classes 6
 """
@@ -19,10 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.config import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 
-SHAPES = ["disk", "ring", "hstripes", "vstripes", "triangle", "cross", "square"]
+TEXTURES = ["hstripes", "vstripes", "checker", "dots", "rings", "plain"]
 SPLITS = ["train", "val"]
-SUPERSAMPLE = 2  # shapes are drawn at 2x and averaged down, which antialiases their edges
-MIN_CONTRAST = 100  # RGB distance between an object and its background, so every object is visible
+SUPERSAMPLE = 2  # drawn at 2x and averaged down, which antialiases the edges
+MIN_CONTRAST = 100  # RGB distance between a patch and its background, so every patch is visible
+MAX_TILT = np.pi / 12  # stripes stay clearly horizontal or vertical
 
 
 def rotated_frame(x, y, cx, cy, angle):
@@ -31,31 +32,24 @@ def rotated_frame(x, y, cx, cy, angle):
     return dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
 
 
-def shape_mask(shape, x, y, cx, cy, radius, angle):
-    """Boolean mask of ``shape`` centred at (cx, cy) with outer radius ``radius``, on grid (x, y)."""
-    u, v = rotated_frame(x, y, cx, cy, angle)
-    r2 = u * u + v * v
-    if shape == "disk":
-        return r2 <= radius ** 2
-    if shape == "ring":
-        return (r2 <= radius ** 2) & (r2 >= (0.55 * radius) ** 2)
-    if shape == "square":
-        return (np.abs(u) <= 0.75 * radius) & (np.abs(v) <= 0.75 * radius)
-    if shape == "triangle":
-        # Inside all three edges of an equilateral triangle with circumradius ``radius``.
-        inside = np.ones_like(u, dtype=bool)
-        for k in range(3):
-            a = 2 * np.pi * k / 3
-            inside &= u * np.cos(a) + v * np.sin(a) <= 0.5 * radius
-        return inside
-    if shape == "cross":
-        arm = 0.3 * radius
-        return (((np.abs(u) <= arm) & (np.abs(v) <= radius)) |
-                ((np.abs(v) <= arm) & (np.abs(u) <= radius)))
-    # Stripes: the class is their orientation in the image, so it ignores the rotation.
-    period = 0.45 * radius
-    across = y - cy if shape == "hstripes" else x - cx
-    return (r2 <= radius ** 2) & (np.floor(across / period) % 2 == 0)
+def texture_mask(texture, u, v, period):
+    """Where ``texture`` takes the patch colour, at patch-frame coordinates (u, v).
+
+    ``period`` is the pattern's repeat in pixels; ``plain`` is the patch colour everywhere.
+    """
+    row, col = np.floor(v / period), np.floor(u / period)
+    if texture == "hstripes":
+        return row % 2 == 0
+    if texture == "vstripes":
+        return col % 2 == 0
+    if texture == "checker":
+        return (row + col) % 2 == 0
+    if texture == "dots":
+        du, dv = u / period - col - 0.5, v / period - row - 0.5
+        return du * du + dv * dv <= 0.3 ** 2
+    if texture == "rings":
+        return np.floor(np.sqrt(u * u + v * v) / period) % 2 == 0
+    return np.ones_like(u, dtype=bool)
 
 
 def random_colour(rng, away_from=None):
@@ -66,8 +60,8 @@ def random_colour(rng, away_from=None):
             return colour
 
 
-def draw_image(shape, size, rng):
-    """One ``size`` x ``size`` RGB uint8 image of ``shape`` over clutter."""
+def draw_image(texture, size, rng):
+    """One ``size`` x ``size`` RGB uint8 image of a ``texture`` patch over clutter."""
     n = size * SUPERSAMPLE
     y, x = (np.mgrid[0:n, 0:n] + 0.5) / SUPERSAMPLE
 
@@ -77,7 +71,7 @@ def draw_image(shape, size, rng):
     t = ((x - size / 2) * np.cos(direction) + (y - size / 2) * np.sin(direction)) / size + 0.5
     image = c0 + np.clip(t, 0, 1)[..., None] * (c1 - c0)
 
-    # Clutter: short thin bars and small dots in random colours, much smaller than the object.
+    # Clutter: short thin bars and small dots in random colours, much smaller than the patch.
     for _ in range(rng.integers(4, 9)):
         cx, cy = rng.uniform(0, size, 2)
         if rng.random() < 0.5:
@@ -88,10 +82,18 @@ def draw_image(shape, size, rng):
             mask = (x - cx) ** 2 + (y - cy) ** 2 <= (rng.uniform(0.02, 0.06) * size) ** 2
         image[mask] = random_colour(rng)
 
-    # The object, fully inside the image, in a colour that stands out from the background.
-    radius = rng.uniform(0.2, 0.38) * size
-    cx, cy = rng.uniform(radius, size - radius, 2)
-    mask = shape_mask(shape, x, y, cx, cy, radius, rng.uniform(0, 2 * np.pi))
+    # The patch: a disk or a square at a random place and scale, textured in a colour that stands
+    # out from the background. Its outline says nothing about the class; its texture does.
+    radius = rng.uniform(0.3, 0.5) * size
+    cx, cy = rng.uniform(0.6 * radius, size - 0.6 * radius, 2)
+    u, v = rotated_frame(x, y, cx, cy, rng.uniform(-MAX_TILT, MAX_TILT))
+    if rng.random() < 0.5:
+        inside = u * u + v * v <= radius ** 2
+    else:
+        inside = (np.abs(u) <= 0.85 * radius) & (np.abs(v) <= 0.85 * radius)
+    phase = rng.uniform(0, 2, 2)  # in periods: where the pattern starts is random too
+    period = rng.uniform(0.12, 0.2) * size
+    mask = inside & texture_mask(texture, u + phase[0] * period, v + phase[1] * period, period)
     image[mask] = random_colour(rng, away_from=(c0 + c1) / 2)
 
     image = image.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
@@ -100,31 +102,31 @@ def draw_image(shape, size, rng):
 
 
 def write_dataset(out, classes, per_split, size, seed):
-    """Writes ``out/<split>/<shape>/<index>.png`` for the first ``classes`` shapes.
+    """Writes ``out/<split>/<texture>/<index>.png`` for the first ``classes`` textures.
 
     Args:
         out: dataset root.
-        classes: how many of SHAPES to use.
+        classes: how many of TEXTURES to use.
         per_split: images per class for each split, e.g. ``{"train": 300, "val": 50}``.
         size: image side in pixels.
         seed: base seed; image ``i`` of class ``k`` in split ``s`` uses ``(seed, s, k, i)``, so
             adding images or classes keeps the existing ones unchanged.
     """
     for s, split in enumerate(SPLITS):
-        for k, shape in enumerate(SHAPES[:classes]):
-            folder = os.path.join(out, split, shape)
+        for k, texture in enumerate(TEXTURES[:classes]):
+            folder = os.path.join(out, split, texture)
             os.makedirs(folder, exist_ok=True)
             for i in range(per_split[split]):
                 rng = np.random.default_rng([seed, s, k, i])
-                Image.fromarray(draw_image(shape, size, rng)).save(os.path.join(folder, f"{i:05d}.png"))
+                Image.fromarray(draw_image(texture, size, rng)).save(os.path.join(folder, f"{i:05d}.png"))
 
 
 def parse_args(argv=None):
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="dataset root to write train/ and val/ into")
-    parser.add_argument("--classes", type=int, default=len(SHAPES),
-                        help=f"number of classes, taken in order from {', '.join(SHAPES)} "
-                             f"(default {len(SHAPES)})")
+    parser.add_argument("--classes", type=int, default=len(TEXTURES),
+                        help=f"number of classes, taken in order from {', '.join(TEXTURES)} "
+                             f"(default {len(TEXTURES)})")
     parser.add_argument("--train_per_class", type=int, default=300, help="training images per class")
     parser.add_argument("--val_per_class", type=int, default=50, help="validation images per class")
     parser.add_argument("--size", type=int, default=40, help="image side in pixels")
@@ -135,8 +137,8 @@ def parse_args(argv=None):
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    if not 2 <= args.classes <= len(SHAPES):
-        raise UserError(f"--classes must be between 2 and {len(SHAPES)}, got {args.classes}")
+    if not 2 <= args.classes <= len(TEXTURES):
+        raise UserError(f"--classes must be between 2 and {len(TEXTURES)}, got {args.classes}")
     if args.train_per_class < 1 or args.val_per_class < 1:
         raise UserError("--train_per_class and --val_per_class must be at least 1")
     if args.size < 8:

@@ -1,0 +1,68 @@
+"""utils/benchmark.py on tiny settings: a complete report, and a baseline that trains like ours."""
+import json
+
+import pytest
+import torch
+import torchvision
+
+from models import reactnet
+from utils import benchmark
+
+TINY = ["--image_size", "32", "--batch_size", "4", "--steps", "2", "--warmup", "1", "--repeats", "1",
+        "--num_classes", "10", "--teacher", "resnet18"]
+
+
+def test_report_has_every_configuration(tmp_path, capsys):
+    # bf16 and compile are left out of this test only because they take minutes on a CPU (bf16
+    # convolutions without bf16 hardware, compilation); "fastest" still runs the probe logic.
+    configs = ["baseline", "ours", "ours+channels_last", "ours+fused_adam", "fastest"]
+    out = tmp_path / "report.json"
+    report = benchmark.main([*TINY, "--recipe_steps", "2", "--configs", *configs,
+                             "--fastest_from", "channels_last", "fused_adam",
+                             "--loader", "--loader_images", "12", "--loader_image_size", "32",
+                             "--out", str(out)])
+
+    rows = report["training"]
+    fastest = [row for row in rows if row["fastest"]]
+    assert len(fastest) == 1
+    assert {row["config"] for row in rows} >= set(configs[:-1]) | {fastest[0]["config"]}
+    for row in rows:
+        assert row["skipped"] is None
+        for key in ("images_per_s", "images_per_cpu_s", "peak_bytes", "saved_bytes", "speedup",
+                    "cpu_speedup", "peak_ratio", "saved_ratio"):
+            assert row[key] > 0, (row["config"], key)
+    baseline = next(row for row in rows if row["config"] == "baseline")
+    assert baseline["speedup"] == baseline["peak_ratio"] == baseline["saved_ratio"] == 1.0
+    assert [row["workers"] for row in report["loader"]] == [0, 1, 2]
+    assert all(row["images_per_s"] > 0 for row in report["loader"])
+
+    table = capsys.readouterr().out
+    assert "| baseline | 2 |" in table and "| 1.00 |" in table
+    assert f"| fastest = {fastest[0]['config']} | 2 |" in table
+    assert json.loads(out.read_text())["training"] == json.loads(json.dumps(rows))
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_baseline_and_ours_agree_on_the_first_batch(step):
+    torch.manual_seed(0)
+    student = reactnet(10, binary_weights=step == 2)
+    teacher = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
+    teachers = {False: teacher, True: teacher}
+    images, target = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+    runs = [benchmark.TrainingRun(benchmark.parse_config(name), student, teachers, images, target,
+                                  torch.device("cpu")) for name in ("baseline", "ours")]
+    losses = [run.iteration() for run in runs]
+
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+    published, ours = (dict(run.student.named_parameters()) for run in runs)
+    for name, param in ours.items():
+        torch.testing.assert_close(published[name].grad, param.grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_configuration_names():
+    assert benchmark.parse_config("baseline").published
+    config = benchmark.parse_config("ours+compile+bf16")
+    assert config.name == "ours+bf16+compile" and config.compile and config.bf16
+    with pytest.raises(ValueError, match="unknown configuration"):
+        benchmark.parse_config("ours+fp16")
