@@ -446,7 +446,7 @@ def _ratio(value):
 def render(report):
     """The report as markdown."""
     meta = report["machine"]
-    lines = [f"# ReActNet-A training benchmark",
+    lines = ["# ReActNet-A training benchmark",
              "",
              f"- device: {meta['device']}; torch {meta['torch']}; threads: {meta['threads']}",
              f"- load average (1, 5, 15 min): {_load(meta['load_before'])} before, "

@@ -7,7 +7,6 @@ nothing about the class, random crops can cut the patch and horizontal flips kee
 
     python utils/make_demo_data.py --out demo_output/data --classes 6
 """
-import argparse
 import os
 import sys
 
