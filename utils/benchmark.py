@@ -341,6 +341,9 @@ class RecipeStepBenchmark:
             for clock, key in [("wall", "images_per_s"), ("cpu", "images_per_cpu_s")]:
                 rates = [timing[clock] for timing in rounds]
                 row.update({key: statistics.median(rates), f"{key}_rounds": rates})
+            # CPU seconds per second: about the thread count when the process had the machine to
+            # itself, less when other work took its share.
+            row["cores"] = statistics.median(timing["wall"] / timing["cpu"] for timing in rounds)
             row.update({f"{key}_bytes": value for key, value in memory.items()})
         return row
 
@@ -456,17 +459,18 @@ def render(report):
              f"{meta['repeats']} interleaved rounds of {meta['steps']} iterations (medians)",
              *[f"- {note}" for note in MEMORY_NOTES.values()]]
     if report["training"]:
-        lines += ["- images/s: median of the rounds (range in brackets); per CPU-s: images per "
-                  "second of this process's CPU time, less sensitive to other work on the machine",
+        lines += ["- images/s: median of the rounds (range in parentheses); per CPU-s: images per "
+                  "second of this process's CPU time, less sensitive to other work on the machine; "
+                  "cores: CPU seconds per second (the thread count if nothing else ran)",
                   f"- fastest: ours with every flag that beat ours alone in a probe pass; * = "
                   f"slower than 1/{SLOW_FACTOR} of ours in the probe, so timed in the probe only",
-                  "", "| config | step | images/s | x baseline | per CPU-s | x baseline | "
+                  "", "| config | step | images/s | x baseline | per CPU-s | x baseline | cores | "
                       "peak MiB | x baseline | saved MiB | x baseline | RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in report["training"]:
             name = f"fastest = {row['config']}" if row["fastest"] else row["config"]
             if row["skipped"]:
-                lines.append(f"| {name} | {row['step']} | skipped: {row['skipped']} |||||||||")
+                lines.append(f"| {name} | {row['step']} | skipped: {row['skipped']} ||||||||||")
                 continue
             rates = row["images_per_s_rounds"]
             mark = "*" if row["probe_only"] else ""
@@ -474,6 +478,7 @@ def render(report):
                 f"| {name} | {row['step']} | {row['images_per_s']:.2f}{mark} "
                 f"({min(rates):.2f}-{max(rates):.2f}) | {_ratio(row.get('speedup'))} | "
                 f"{row['images_per_cpu_s']:.2f} | {_ratio(row.get('cpu_speedup'))} | "
+                f"{row['cores']:.2f} | "
                 f"{_mib(row['peak_bytes'])} | {_ratio(row.get('peak_ratio'))} | "
                 f"{_mib(row['saved_bytes'])} | {_ratio(row.get('saved_ratio'))} | "
                 f"{_mib(row['rss_bytes'])} |")
