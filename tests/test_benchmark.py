@@ -66,3 +66,16 @@ def test_configuration_names():
     assert config.name == "ours+bf16+compile" and config.compile and config.bf16
     with pytest.raises(ValueError, match="unknown configuration"):
         benchmark.parse_config("ours+fp16")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image_size", "16"], "--image_size must be at least 32"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--configs", "ours+fp16"], "unknown configuration"),
+])
+def test_bad_settings_are_refused_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        benchmark.main(flags)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

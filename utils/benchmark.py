@@ -18,6 +18,11 @@ ImageNet training transforms on generated JPEG files for 0, 1 and 2 data-loading
 
     python utils/benchmark.py --image_size 64 --batch_size 32 --loader
     python utils/benchmark.py --device cuda --image_size 224 --batch_size 256
+
+On a CPU shared with other work, set OMP_WAIT_POLICY=PASSIVE (or pass --threads 1): by default
+OpenMP threads spin at the end of every parallel region waiting for their siblings, and when a
+sibling has been descheduled the spinning makes a training step several times slower, by amounts
+that depend on the load rather than on the configuration.
 """
 import argparse
 import contextlib
@@ -46,7 +51,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import reactnet  # noqa: E402
 from utils.baseline import use_published_binarizers  # noqa: E402
-from utils.data import SeededImageFolder, SeededSampler, make_loader, train_transform  # noqa: E402
+from utils.config import OneLineErrorParser  # noqa: E402
+from utils.data import (MIN_IMAGE_SIZE, SeededImageFolder, SeededSampler, make_loader,  # noqa: E402
+                        train_transform)
 from utils.distill import distillation_loss  # noqa: E402
 from utils.engine import autocast, build_optimizer, to_device  # noqa: E402
 from utils.meters import topk_correct  # noqa: E402
@@ -451,7 +458,8 @@ def render(report):
     meta = report["machine"]
     lines = ["# ReActNet-A training benchmark",
              "",
-             f"- device: {meta['device']}; torch {meta['torch']}; threads: {meta['threads']}",
+             f"- device: {meta['device']}; torch {meta['torch']}; threads: {meta['threads']}; "
+             f"OMP_WAIT_POLICY: {meta['omp_wait_policy']}",
              f"- load average (1, 5, 15 min): {_load(meta['load_before'])} before, "
              f"{_load(meta['load_after'])} after",
              f"- settings: image {meta['image_size']}, batch {meta['batch_size']}, "
@@ -496,11 +504,12 @@ def render(report):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Configurations: " + ", ".join(DEFAULT_CONFIGS) + "; any ours+FLAG+FLAG... too.")
+    parser = OneLineErrorParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Configurations: baseline, fastest, ours, ours+FLAG[+FLAG...] with FLAG among "
+               + ", ".join(SPEED_FLAGS) + ".")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="default: cuda when available")
+                        help="where to run; cuda when available if not given")
     parser.add_argument("--image_size", type=int, default=64, help="training crop of the synthetic batch")
     parser.add_argument("--batch_size", type=int, default=32, help="images per iteration (and per loader batch)")
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per round")
@@ -511,14 +520,14 @@ def build_parser():
     parser.add_argument("--num_classes", type=int, default=1000, help="classes of student and teacher")
     parser.add_argument("--teacher", default="resnet34", help="torchvision model name of the teacher")
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                        help="configurations to measure (default: %(default)s)")
+                        help="configurations to measure")
     parser.add_argument("--fastest_from", nargs="*", choices=SPEED_FLAGS, default=list(SPEED_FLAGS),
-                        help="speed flags the fastest combination may use (default: all)")
+                        help="speed flags the fastest combination may use")
     parser.add_argument("--recipe_steps", type=int, nargs="*", choices=[1, 2], default=[1, 2],
                         help="AdamBNN steps to measure: 1 (real weights), 2 (binary weights); "
                              "none: only the loader")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads before measuring (default: torch's choice)")
+                        help="torch.set_num_threads before measuring; torch's default if not given")
     parser.add_argument("--seed", type=int, default=0, help="seeds the models, the batch and the files")
     parser.add_argument("--loader", action="store_true",
                         help="also measure the data loader for 0, 1 and 2 workers")
@@ -537,6 +546,10 @@ def main(argv=None):
     for name in ("steps", "warmup", "repeats", "batch_size", "loader_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.image_size < MIN_IMAGE_SIZE:
+        parser.error(f"--image_size must be at least {MIN_IMAGE_SIZE}: ReActNet-A downsamples by 32")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but PyTorch sees no GPU")
     for name in args.configs:
         if name != "fastest":
             try:
@@ -558,7 +571,9 @@ def main(argv=None):
     report = {
         "device_type": device.type,
         "machine": {"device": device_name(device), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "load_before": load_before,
+                    "threads": torch.get_num_threads(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+                    "load_before": load_before,
                     "load_after": os.getloadavg(), **{k: getattr(args, k) for k in (
                         "image_size", "batch_size", "num_classes", "teacher", "warmup", "repeats",
                         "steps", "loader_images", "loader_image_size")}},
