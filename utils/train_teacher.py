@@ -8,6 +8,7 @@ the published augmentation and the validation resize and centre crop.
     python utils/train_teacher.py --data /path/to/data --arch resnet34 --epochs 30 --out teacher.pth
 """
 import argparse
+import functools
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.config import OneLineErrorParser  # noqa: E402
 from utils.data import (SeededSampler, default_workers, make_loader, open_split,  # noqa: E402
                         train_transform, val_transform)
-from utils.engine import evaluate  # noqa: E402
+from utils.engine import evaluate, seed_everything, warn_unreadable  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 
 
@@ -68,13 +69,15 @@ def check_args(args):
         raise UserError(f"cannot write --out {args.out}: pass a writable file path")
 
 
+log = functools.partial(print, flush=True)
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, device):
     """One pass of cross-entropy training; returns the mean loss and acc@1 (in %)."""
     model.train()
     loss_sum, correct, count = 0.0, 0, 0
     for images, target, unreadable in loader:
-        for item in unreadable:
-            print(f"warning: skipped unreadable image {item.path} ({item.reason})", flush=True)
+        warn_unreadable(unreadable, log)
         if images is None:
             continue
         images, target = images.to(device), target.to(device)
@@ -95,7 +98,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
 
     train_set = open_split(args.data, "train", train_transform(args.image_size))
     val_set = open_split(args.data, "val", val_transform(args.image_size),
@@ -113,23 +116,23 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * len(train_loader))
-    print(f"=> training {args.arch} on {len(train_set)} images of {num_classes} classes, "
-          f"validating on {len(val_set)}, on {device}", flush=True)
+    log(f"=> training {args.arch} on {len(train_set)} images of {num_classes} classes, "
+        f"validating on {len(val_set)}, on {device}")
 
     for epoch in range(args.epochs):
         started = time.time()
         train_sampler.set_epoch(epoch)
         loss, train_top1 = train_one_epoch(model, train_loader, optimizer, scheduler, device)
         metrics = evaluate(model, val_loader, device, log=lambda _: None)
-        print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.3f} acc@1 {train_top1:.2f}, "
-              f"val acc@1 {metrics['top1']:.2f} acc@5 {metrics['top5']:.2f} "
-              f"({time.time() - started:.1f}s)", flush=True)
+        log(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.3f} acc@1 {train_top1:.2f}, "
+            f"val acc@1 {metrics['top1']:.2f} acc@5 {metrics['top5']:.2f} "
+            f"({time.time() - started:.1f}s)")
 
     # Metadata rides along; --teacher_weights reads only the state_dict entry.
     torch.save({"state_dict": model.state_dict(), "arch": args.arch, "classes": train_set.classes,
                 "val_top1": metrics["top1"]}, args.out)
-    print(f"=> saved {args.arch} weights to {args.out} (val acc@1 {metrics['top1']:.2f}); use them "
-          f"with --teacher {args.arch} --teacher_weights {args.out}", flush=True)
+    log(f"=> saved {args.arch} weights to {args.out} (val acc@1 {metrics['top1']:.2f}); use them "
+        f"with --teacher {args.arch} --teacher_weights {args.out}")
 
 
 if __name__ == "__main__":
