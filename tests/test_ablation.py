@@ -43,6 +43,16 @@ def test_plan_shares_step1_runs_and_doubles_one_step_epochs():
             assert run.epochs == 6
 
 
+
+def test_plan_gives_each_optimizer_its_learning_rate():
+    runs = plan(CONFIGS, 3, "/runs", {"sgd": 0.05})
+    for run in runs:
+        optimizer = run.flags[run.flags.index("--optimizer") + 1]
+        if optimizer == "sgd":
+            assert run.flags[run.flags.index("--learning_rate") + 1] == "0.05"
+        else:
+            assert "--learning_rate" not in run.flags
+
 def write_metrics(folder, records):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
@@ -107,6 +117,14 @@ def test_missing_data_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: data folder") and err.count("\n") == 1
 
+
+
+def test_a_non_positive_learning_rate_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--sgd_learning_rate", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --sgd_learning_rate must be positive") and err.count("\n") == 1
 
 def test_end_to_end_two_step_run_then_skip(tmp_path, capsys, monkeypatch):
     # The tool runs in this process (saving an interpreter start); the train scripts are subprocesses.

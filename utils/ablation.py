@@ -40,7 +40,8 @@ class Config:
     """One row of the paper's ablation.
 
     Attributes:
-        optimizer: ``adam`` or ``sgd`` (each with the train scripts' default learning rate).
+        optimizer: ``adam`` or ``sgd`` (each with the train scripts' default learning rate
+            unless the tool is given another).
         step1_weight_decay: weight decay of step 1, or None for one-step training.
         step2_weight_decay: weight decay of step 2 (of the only step, for one-step training).
     """
@@ -73,6 +74,7 @@ class Config:
 
 
 # Table 1 of the paper (one-step and two-step at three weight decays) plus its Adam vs SGD pair.
+OPTIMIZERS = ("adam", "sgd")
 CONFIGS = [
     Config("adam", 1e-5, 0.0),
     Config("adam", 5e-6, 0.0),
@@ -93,26 +95,31 @@ class Run:
     flags: tuple
 
 
-def plan(configs, epochs, runs_dir):
+def plan(configs, epochs, runs_dir, learning_rates=None):
     """The training runs behind ``configs`` in execution order, each step-1 run listed once.
 
     A two-step configuration trains step 1 and step 2 for ``epochs`` each, step 2 starting from
     step 1's best checkpoint; a one-step configuration trains step 2 from scratch for
-    ``2 * epochs``, so both see the same number of epochs in all.
+    ``2 * epochs``, so both see the same number of epochs in all. ``learning_rates`` maps an
+    optimizer name to the learning rate of its runs; optimizers it leaves out keep the train
+    scripts' default.
     """
+    learning_rates = learning_rates or {}
     runs = {}
     for config in configs:
+        optimizer = ("--optimizer", config.optimizer)
+        if config.optimizer in learning_rates:
+            optimizer += ("--learning_rate", str(learning_rates[config.optimizer]))
         if config.two_step:
             runs.setdefault(config.step1_name, Run(
                 config.step1_name, "step1/train.py", epochs,
-                ("--optimizer", config.optimizer, "--weight_decay", str(config.step1_weight_decay))))
+                optimizer + ("--weight_decay", str(config.step1_weight_decay))))
             start = os.path.join(runs_dir, config.step1_name, "model_best.pth.tar")
         else:
             start = "none"
         runs[config.name] = Run(
             config.name, "step2/train.py", epochs if config.two_step else 2 * epochs,
-            ("--optimizer", config.optimizer, "--weight_decay", str(config.step2_weight_decay),
-             "--step1_checkpoint", start))
+            optimizer + ("--weight_decay", str(config.step2_weight_decay), "--step1_checkpoint", start))
     return list(runs.values())
 
 
@@ -241,6 +248,10 @@ def parse_args(argv=None):
                         help="epochs per step; one-step runs train twice as many (default 256)")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=[c.name for c in CONFIGS],
                         help=f"train only these configurations: {', '.join(c.name for c in CONFIGS)}")
+    for optimizer in OPTIMIZERS:
+        parser.add_argument(f"--{optimizer}_learning_rate", type=float,
+                            help=f"learning rate of the {optimizer.upper()} runs (default: the train "
+                                 f"scripts' {optimizer} default, meant for batch 256)")
     forwarded = parser.add_argument_group("passed to every train script when given")
     forwarded.add_argument("--teacher", help="torchvision model name of the teacher")
     forwarded.add_argument("--teacher_weights", help="state_dict file of the teacher")
@@ -257,6 +268,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.epochs < 1:
         raise UserError(f"--epochs must be positive, got {args.epochs}")
+    learning_rates = {name: getattr(args, f"{name}_learning_rate") for name in OPTIMIZERS
+                      if getattr(args, f"{name}_learning_rate") is not None}
+    for name, value in learning_rates.items():
+        if not value > 0:
+            raise UserError(f"--{name}_learning_rate must be positive, got {value}")
     if not os.path.isdir(args.data):
         raise UserError(f"data folder {args.data} does not exist: --data must hold train/ and val/")
     runs_dir = os.path.join(os.path.abspath(args.out), "runs")
@@ -273,7 +289,7 @@ def main(argv=None):
     shared_flags += args.extra
 
     selected = [c for c in CONFIGS if args.only is None or c.name in args.only]
-    for run in plan(selected, args.epochs, runs_dir):
+    for run in plan(selected, args.epochs, runs_dir, learning_rates):
         train(run, runs_dir, shared_flags)
     print(write_report(CONFIGS, runs_dir, os.path.join(args.out, "ablation.md")), end="", flush=True)
 
