@@ -8,19 +8,19 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 OUT="${DEMO_OUT:-$ROOT/demo_output}"
-CLASSES="${DEMO_CLASSES:-4}"
+CLASSES="${DEMO_CLASSES:-3}"
 TRAIN_PER_CLASS="${DEMO_TRAIN_PER_CLASS:-200}"
 VAL_PER_CLASS="${DEMO_VAL_PER_CLASS:-50}"
 IMAGE_SIZE="${DEMO_IMAGE_SIZE:-32}"       # training crop; the files are 1.25x larger to crop from
-BATCH_SIZE="${DEMO_BATCH_SIZE:-32}"
+BATCH_SIZE="${DEMO_BATCH_SIZE:-16}"      # small batches: more optimizer steps in the time
 TEACHER="${DEMO_TEACHER:-resnet18}"
 TEACHER_EPOCHS="${DEMO_TEACHER_EPOCHS:-8}"
 TEACHER_LR="${DEMO_TEACHER_LR:-2e-3}"
 STEP_EPOCHS="${DEMO_STEP_EPOCHS:-4}"      # per step; the schedule's last epoch runs at lr 0
-STEP_LR="${DEMO_STEP_LR:-5e-4}"
+STEP_LR="${DEMO_STEP_LR:-1e-3}"
 WORKERS="${DEMO_WORKERS:-0}"               # the images are tiny: loading in the main process is fastest
 SEED="${DEMO_SEED:-0}"
-QUIET=(--print_freq 1000)                  # one progress line at the start and end of each epoch
+STEP_ARGS=(--print_freq 1000 --fused_optimizer)  # a progress line at the start and end of each epoch
 
 DATA="$OUT/data"
 LOGS="$OUT/logs"
@@ -68,11 +68,11 @@ step_env=(DATA="$DATA" BATCH_SIZE="$BATCH_SIZE" LEARNING_RATE="$STEP_LR" EPOCHS=
           TEACHER="$TEACHER" TEACHER_WEIGHTS="$OUT/teacher.pth" IMAGE_SIZE="$IMAGE_SIZE"
           SEED="$SEED" WORKERS="$WORKERS" NGPUS=1 NNODES=1)
 stage step1 env "${step_env[@]}" WEIGHT_DECAY=5e-6 SAVE="$OUT/step1" LOG="$OUT/step1/run.log" \
-  bash "$ROOT/step1/run.sh" "${QUIET[@]}"
+  bash "$ROOT/step1/run.sh" "${STEP_ARGS[@]}"
 TOP1[step1]=$(last_number step1 "best acc@1")
 
 stage step2 env "${step_env[@]}" WEIGHT_DECAY=0 SAVE="$OUT/step2" LOG="$OUT/step2/run.log" \
-  STEP1_CHECKPOINT="$OUT/step1/model_best.pth.tar" bash "$ROOT/step2/run.sh" "${QUIET[@]}"
+  STEP1_CHECKPOINT="$OUT/step1/model_best.pth.tar" bash "$ROOT/step2/run.sh" "${STEP_ARGS[@]}"
 TOP1[step2]=$(last_number step2 "best acc@1")
 
 stage evaluate python "$ROOT/evaluate.py" --data "$DATA" --checkpoint "$OUT/step2/model_best.pth.tar" \

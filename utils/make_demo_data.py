@@ -1,9 +1,10 @@
 """Writes a small synthetic image-classification dataset in ImageFolder layout, for the demo.
 
-Each image holds one textured patch on a cluttered background; the class is the texture
-(horizontal or vertical stripes, checks, dots, concentric rings, plain). The patch's place, size,
-outline, tilt, pattern scale and phase and every colour are random, so the mean colour says
-nothing about the class, random crops can cut the patch and horizontal flips keep the label. Every image is a function of ``(seed, split, class, index)``.
+Each image holds one textured patch on a cluttered background; the class is the texture (plain,
+horizontal stripes, checks, vertical stripes, dots, concentric rings; ``--classes K`` takes the first
+K). The patch's place, size, outline, tilt, pattern scale and phase and every colour are random, so
+the mean colour says nothing about the class, random crops can cut the patch and horizontal flips
+keep the label. Every image is a function of ``(seed, split, class, index)``.
 
     python utils/make_demo_data.py --out demo_output/data --classes 6
 """
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.config import OneLineErrorParser  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 
-TEXTURES = ["hstripes", "vstripes", "checker", "dots", "rings", "plain"]
+TEXTURES = ["plain", "hstripes", "checker", "vstripes", "dots", "rings"]
 SPLITS = ["train", "val"]
 SUPERSAMPLE = 2  # drawn at 2x and averaged down, which antialiases the edges
 MIN_CONTRAST = 100  # RGB distance between a patch and its background, so every patch is visible
@@ -83,7 +84,7 @@ def draw_image(texture, size, rng):
 
     # The patch: a disk or a square at a random place and scale, textured in a colour that stands
     # out from the background. Its outline says nothing about the class; its texture does.
-    radius = rng.uniform(0.3, 0.5) * size
+    radius = rng.uniform(0.6, 0.8) * size
     cx, cy = rng.uniform(0.6 * radius, size - 0.6 * radius, 2)
     u, v = rotated_frame(x, y, cx, cy, rng.uniform(-MAX_TILT, MAX_TILT))
     if rng.random() < 0.5:
@@ -91,7 +92,7 @@ def draw_image(texture, size, rng):
     else:
         inside = (np.abs(u) <= 0.85 * radius) & (np.abs(v) <= 0.85 * radius)
     phase = rng.uniform(0, 2, 2)  # in periods: where the pattern starts is random too
-    period = rng.uniform(0.12, 0.2) * size
+    period = rng.uniform(0.25, 0.35) * size
     mask = inside & texture_mask(texture, u + phase[0] * period, v + phase[1] * period, period)
     image[mask] = random_colour(rng, away_from=(c0 + c1) / 2)
 
