@@ -2,9 +2,12 @@
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -115,6 +118,33 @@ def logits_pair(batch=5, classes=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, classes, generator=g) * 3, torch.randn(batch, classes, generator=g) * 3
 
+
+
+
+PAGE_FAULTS_OF_ALLOCATIONS = textwrap.dedent("""
+    import resource, sys, torch
+    from utils.engine import keep_freed_host_memory
+    if sys.argv[1] == "keep":
+        assert keep_freed_host_memory()
+    def faults():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            torch.ones(16 * 2**20)  # 64 MB written, then freed
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults()  # the first allocations may grow the heap
+    print(faults())
+""")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_cpu_training_reuses_freed_memory_without_page_faults():
+    def faults(mode):
+        result = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_ALLOCATIONS, mode], cwd=REPO,
+                                capture_output=True, text=True, check=True)
+        return int(result.stdout)
+    # glibc's defaults map each 64 MB block afresh: 16384 page faults per allocation.
+    assert faults("default") > 4 * 16384
+    assert faults("keep") < 1000
 
 def test_distillation_loss_is_soft_cross_entropy():
     student, teacher = logits_pair()
