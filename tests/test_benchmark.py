@@ -15,7 +15,7 @@ TINY = ["--image_size", "32", "--batch_size", "4", "--steps", "2", "--warmup", "
 def test_report_has_every_configuration(tmp_path, capsys):
     # bf16 and compile are left out of this test only because they take minutes on a CPU (bf16
     # convolutions without bf16 hardware, compilation); "fastest" still runs the probe logic.
-    configs = ["baseline", "ours", "ours+channels_last", "ours+fused_adam", "fastest"]
+    configs = ["baseline", "ours", "ours+metrics", "ours+channels_last", "ours+fused_adam", "fastest"]
     out = tmp_path / "report.json"
     report = benchmark.main([*TINY, "--recipe_steps", "2", "--configs", *configs,
                              "--fastest_from", "channels_last", "fused_adam",
@@ -60,10 +60,26 @@ def test_baseline_and_ours_agree_on_the_first_batch(step):
                                    msg=lambda m: f"{name}: {m}")
 
 
+def test_metrics_configuration_measures_flips_without_changing_training():
+    torch.manual_seed(0)
+    student = reactnet(10, binary_weights=True)
+    teacher = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
+    images, target = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+    runs = [benchmark.TrainingRun(benchmark.parse_config(name), student, {False: teacher}, images, target,
+                                  torch.device("cpu")) for name in ("ours", "ours+metrics")]
+    for _ in range(3):
+        losses = [run.iteration() for run in runs]
+        assert torch.equal(losses[0], losses[1])
+    assert runs[0].paper_metrics is None
+    summary = runs[1].paper_metrics.epoch_summary()
+    assert runs[1].paper_metrics.steps == 3 and summary["flip_flop"] > 0
+
+
 def test_configuration_names():
     assert benchmark.parse_config("baseline").published
     config = benchmark.parse_config("ours+compile+bf16")
     assert config.name == "ours+bf16+compile" and config.compile and config.bf16
+    assert benchmark.parse_config("ours+metrics+fused_adam").name == "ours+fused_adam+metrics"
     with pytest.raises(ValueError, match="unknown configuration"):
         benchmark.parse_config("ours+fp16")
 

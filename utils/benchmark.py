@@ -5,7 +5,10 @@ full training iterations (student forward and backward, teacher forward under in
 distillation loss, Adam step) on a fixed synthetic batch, for these configurations:
 
 - ``baseline``: the published binarizers (utils/baseline.py), fp32, contiguous, for-loop/foreach Adam;
-- ``ours``: this repository's binarizers with the default training flags (fp32);
+- ``ours``: this repository's binarizers with the default training flags (fp32), without the
+  paper's measurements (as ``--no_metrics``);
+- ``ours+metrics``: ``ours`` plus the flip-flop bookkeeping that training runs after every step by
+  default, so the two rows give the measurements' cost;
 - ``ours+bf16``, ``ours+channels_last``, ``ours+fused_adam``, ``ours+compile``: one speed flag each,
   as ``--amp bf16``, ``--channels_last``, ``--fused_optimizer`` and ``--compile`` set it in training;
 - ``fastest``: ours with every flag that beat ``ours`` alone in a first timed pass, measured again.
@@ -14,7 +17,9 @@ Any ``ours+FLAG+FLAG...`` combination may be named with ``--configs``. The confi
 timed in interleaved rounds (the order rotates every round) so that a machine shared with other
 work slows all of them alike; the table reports medians. Memory is measured on extra iterations,
 three ways (see ``MEMORY_NOTES``). ``--loader`` adds the images/s of the
-ImageNet training transforms on generated JPEG files for 0, 1 and 2 data-loading workers.
+ImageNet training transforms on generated JPEG files for 0, 1 and 2 data-loading workers. On a CPU,
+freed memory is kept for reuse as CPU training keeps it (``utils.engine.keep_freed_host_memory``);
+``--return_freed_memory`` measures with glibc's defaults instead.
 
     python utils/benchmark.py --image_size 64 --batch_size 32 --loader
     python utils/benchmark.py --device cuda --image_size 224 --batch_size 256
@@ -55,11 +60,14 @@ from utils.config import OneLineErrorParser  # noqa: E402
 from utils.data import (MIN_IMAGE_SIZE, SeededImageFolder, SeededSampler, make_loader,  # noqa: E402
                         train_transform)
 from utils.distill import distillation_loss  # noqa: E402
-from utils.engine import autocast, build_optimizer, to_device  # noqa: E402
+from utils.engine import autocast, build_optimizer, keep_freed_host_memory, to_device  # noqa: E402
 from utils.meters import topk_correct  # noqa: E402
+from utils.monitor import PaperMetrics  # noqa: E402
 
 SPEED_FLAGS = ("bf16", "channels_last", "fused_adam", "compile")
-DEFAULT_CONFIGS = ["baseline", "ours", *(f"ours+{flag}" for flag in SPEED_FLAGS), "fastest"]
+# Not a speed flag: the paper's per-iteration flip-flop bookkeeping, on in training by default.
+FLAGS = (*SPEED_FLAGS, "metrics")
+DEFAULT_CONFIGS = ["baseline", "ours", "ours+metrics", *(f"ours+{flag}" for flag in SPEED_FLAGS), "fastest"]
 LOADER_WORKERS = (0, 1, 2)
 SLOW_FACTOR = 4
 LEARNING_RATE = 1.25e-3
@@ -89,26 +97,27 @@ class Config:
     channels_last: bool = False
     fused_adam: bool = False
     compile: bool = False
+    metrics: bool = False
 
     @property
     def name(self):
         if self.published:
             return "baseline"
-        return "+".join(["ours"] + [flag for flag in SPEED_FLAGS if getattr(self, flag)])
+        return "+".join(["ours"] + [flag for flag in FLAGS if getattr(self, flag)])
 
     def with_flags(self, flags):
         return dataclasses.replace(self, **{flag: True for flag in flags})
 
 
 def parse_config(text):
-    """``baseline``, ``ours`` or ``ours+FLAG+...`` (FLAG from SPEED_FLAGS) as a Config."""
+    """``baseline``, ``ours`` or ``ours+FLAG+...`` (FLAG from FLAGS) as a Config."""
     if text == "baseline":
         return Config(published=True)
     head, *flags = text.split("+")
-    unknown = [flag for flag in flags if flag not in SPEED_FLAGS]
+    unknown = [flag for flag in flags if flag not in FLAGS]
     if head != "ours" or unknown:
         raise ValueError(f"unknown configuration '{text}': use baseline, fastest, ours or "
-                         f"ours+FLAG[+FLAG...] with FLAG among {', '.join(SPEED_FLAGS)}")
+                         f"ours+FLAG[+FLAG...] with FLAG among {', '.join(FLAGS)}")
     return Config().with_flags(flags)
 
 
@@ -122,7 +131,8 @@ class TrainingRun:
 
     ``iteration()`` is the body of ``Trainer.train_one_epoch`` on a fixed batch: forward under
     autocast, teacher logits under inference mode, distillation loss, backward, the top-k counts
-    read back to the host (the per-iteration synchronisation of training), Adam step.
+    read back to the host (the per-iteration synchronisation of training), Adam step, and with
+    ``metrics`` the flip-flop bookkeeping that training does after each step unless --no_metrics.
     """
 
     def __init__(self, config, student, teachers, images, target, device, weight_decay=0.0):
@@ -138,6 +148,7 @@ class TrainingRun:
         self.optimizer = build_optimizer(self.student, LEARNING_RATE, weight_decay, config.fused_adam)
         self.model = torch.compile(self.student) if config.compile else self.student
         self.model.train()
+        self.paper_metrics = PaperMetrics(self.student) if config.metrics else None
 
     def iteration(self):
         """One training iteration; returns the loss (detached)."""
@@ -151,6 +162,8 @@ class TrainingRun:
         correct1, correct5 = topk_correct(logits.detach(), self.target)
         torch.stack([loss.detach(), correct1, correct5]).tolist()
         self.optimizer.step()
+        if self.paper_metrics:
+            self.paper_metrics.after_step()
         return loss.detach()
 
     def time(self, iterations):
@@ -459,7 +472,8 @@ def render(report):
     lines = ["# ReActNet-A training benchmark",
              "",
              f"- device: {meta['device']}; torch {meta['torch']}; threads: {meta['threads']}; "
-             f"OMP_WAIT_POLICY: {meta['omp_wait_policy']}",
+             f"OMP_WAIT_POLICY: {meta['omp_wait_policy']}; freed host memory kept for reuse: "
+             f"{'yes' if meta['keep_freed_host_memory'] else 'no'}",
              f"- load average (1, 5, 15 min): {_load(meta['load_before'])} before, "
              f"{_load(meta['load_after'])} after",
              f"- settings: image {meta['image_size']}, batch {meta['batch_size']}, "
@@ -507,7 +521,7 @@ def build_parser():
     parser = OneLineErrorParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Configurations: baseline, fastest, ours, ours+FLAG[+FLAG...] with FLAG among "
-               + ", ".join(SPEED_FLAGS) + ".")
+               + ", ".join(FLAGS) + " (metrics: the paper's per-iteration flip-flop bookkeeping).")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="where to run; cuda when available if not given")
     parser.add_argument("--image_size", type=int, default=64, help="training crop of the synthetic batch")
@@ -526,6 +540,9 @@ def build_parser():
     parser.add_argument("--recipe_steps", type=int, nargs="*", choices=[1, 2], default=[1, 2],
                         help="AdamBNN steps to measure: 1 (real weights), 2 (binary weights); "
                              "none: only the loader")
+    parser.add_argument("--return_freed_memory", action="store_true",
+                        help="leave glibc's malloc at its defaults; without this flag a CPU benchmark "
+                             "keeps freed memory for reuse, as CPU training does")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads before measuring; torch's default if not given")
     parser.add_argument("--seed", type=int, default=0, help="seeds the models, the batch and the files")
@@ -559,6 +576,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as in training
+    kept_freed_memory = device.type == "cpu" and not args.return_freed_memory and keep_freed_host_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -573,6 +591,7 @@ def main(argv=None):
         "machine": {"device": device_name(device), "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+                    "keep_freed_host_memory": kept_freed_memory,
                     "load_before": load_before,
                     "load_after": os.getloadavg(), **{k: getattr(args, k) for k in (
                         "image_size", "batch_size", "num_classes", "teacher", "warmup", "repeats",
