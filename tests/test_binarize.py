@@ -17,16 +17,20 @@ def polynomial_derivative(x):
     return 0.0
 
 
-def activation_grad(x):
+def output_and_grad(binarizer, x, upstream):
+    """``binarizer(x)`` and the gradient it sends back to ``x`` for the upstream gradient."""
     x = x.detach().clone().requires_grad_(True)
-    binarize_activation(x).sum().backward()
-    return x.grad
+    out = binarizer(x)
+    out.backward(upstream)
+    return out, x.grad
+
+
+def activation_grad(x):
+    return output_and_grad(binarize_activation, x, torch.ones_like(x))[1]
 
 
 def weight_grad(weight, upstream):
-    weight = weight.detach().clone().requires_grad_(True)
-    (binarize_weight(weight) * upstream).sum().backward()
-    return weight.grad
+    return output_and_grad(binarize_weight, weight, upstream)[1]
 
 
 def per_channel_abs_mean(weight):
@@ -109,27 +113,21 @@ def test_weight_scale_is_constant_in_backward():
 def test_activation_agrees_with_published_formulation():
     torch.manual_seed(2)
     x = torch.randn(4, 6, 5, 5) * 1.5
-    ours = x.clone().requires_grad_(True)
-    published = x.clone().requires_grad_(True)
     upstream = torch.randn_like(x)
-    out_ours, out_published = binarize_activation(ours), MaskedPolynomialSign()(published)
-    out_ours.backward(upstream)
-    out_published.backward(upstream)
+    out_ours, grad_ours = output_and_grad(binarize_activation, x, upstream)
+    out_published, grad_published = output_and_grad(MaskedPolynomialSign(), x, upstream)
     assert torch.equal(out_ours, out_published)
-    torch.testing.assert_close(ours.grad, published.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_ours, grad_published, rtol=1e-6, atol=1e-6)
 
 
 def test_weight_binarizer_agrees_with_published_formulation():
     torch.manual_seed(3)
     weight = torch.randn(16, 8, 3, 3) * 0.8
-    ours = weight.clone().requires_grad_(True)
-    published = weight.clone().requires_grad_(True)
     upstream = torch.randn_like(weight)
-    out_ours, out_published = binarize_weight(ours), nested_mean_clamped_sign(published)
-    out_ours.backward(upstream)
-    out_published.backward(upstream)
+    out_ours, grad_ours = output_and_grad(binarize_weight, weight, upstream)
+    out_published, grad_published = output_and_grad(nested_mean_clamped_sign, weight, upstream)
     torch.testing.assert_close(out_ours, out_published, rtol=1e-6, atol=0)
-    assert torch.equal(ours.grad, published.grad)
+    assert torch.equal(grad_ours, grad_published)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
