@@ -22,6 +22,8 @@ WORKERS="${DEMO_WORKERS:-0}"               # the images are tiny: loading in the
 SEED="${DEMO_SEED:-0}"
 STEP_ARGS=(--print_freq 1000 --fused_optimizer)  # a progress line at the start and end of each epoch
 
+# The tools are modules of the repository: python -m tools.NAME, with the repository importable.
+TOOL=(env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" python -m)
 DATA="$OUT/data"
 LOGS="$OUT/logs"
 STAGES=()
@@ -53,25 +55,25 @@ rm -rf "$DATA" "$LOGS" "$OUT/teacher.pth" "$OUT/step1" "$OUT/step2"
 mkdir -p "$LOGS"
 demo_start=$(date +%s.%N)
 
-stage data python "$ROOT/utils/make_demo_data.py" --out "$DATA" --classes "$CLASSES" \
+stage data "${TOOL[@]}" tools.make_demo_data --out "$DATA" --classes "$CLASSES" \
   --train_per_class "$TRAIN_PER_CLASS" --val_per_class "$VAL_PER_CLASS" \
   --size $((IMAGE_SIZE * 5 / 4)) --seed "$SEED"
 
-stage teacher python "$ROOT/utils/train_teacher.py" --data "$DATA" --arch "$TEACHER" \
+stage teacher "${TOOL[@]}" tools.train_teacher --data "$DATA" --arch "$TEACHER" \
   --epochs "$TEACHER_EPOCHS" --learning_rate "$TEACHER_LR" --batch_size "$BATCH_SIZE" \
   --image_size "$IMAGE_SIZE" -j "$WORKERS" --seed "$SEED" --out "$OUT/teacher.pth"
 TOP1[teacher]=$(last_number teacher "val acc@1")
 
 # The steps get everything through run.sh's variables, as a user would set them; the recipe's
-# optimizer, weight decay, schedule and loss stay as they are.
+# optimizer, weight decay, schedule and loss stay run.sh's defaults.
 step_env=(DATA="$DATA" BATCH_SIZE="$BATCH_SIZE" LEARNING_RATE="$STEP_LR" EPOCHS="$STEP_EPOCHS"
           TEACHER="$TEACHER" TEACHER_WEIGHTS="$OUT/teacher.pth" IMAGE_SIZE="$IMAGE_SIZE"
           SEED="$SEED" WORKERS="$WORKERS" NGPUS=1 NNODES=1)
-stage step1 env "${step_env[@]}" WEIGHT_DECAY=5e-6 SAVE="$OUT/step1" LOG="$OUT/step1/run.log" \
+stage step1 env "${step_env[@]}" SAVE="$OUT/step1" LOG="$OUT/step1/run.log" \
   bash "$ROOT/step1/run.sh" "${STEP_ARGS[@]}"
 TOP1[step1]=$(last_number step1 "best acc@1")
 
-stage step2 env "${step_env[@]}" WEIGHT_DECAY=0 SAVE="$OUT/step2" LOG="$OUT/step2/run.log" \
+stage step2 env "${step_env[@]}" SAVE="$OUT/step2" LOG="$OUT/step2/run.log" \
   STEP1_CHECKPOINT="$OUT/step1/model_best.pth.tar" bash "$ROOT/step2/run.sh" "${STEP_ARGS[@]}"
 TOP1[step2]=$(last_number step2 "best acc@1")
 

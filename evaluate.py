@@ -8,13 +8,12 @@ released AdamBNN and ReActNet files (step 2).
 import argparse
 import os
 
-import torch
-
 from models.checkpoint import model_from_checkpoint
-from utils.config import OneLineErrorParser
-from utils.data import MIN_IMAGE_SIZE, SeededSampler, default_workers, make_loader, open_split, val_transform
-from utils.engine import evaluate
-from utils.errors import UserError, report_user_errors
+from utils.cli import (OneLineErrorParser, add_device_flag, add_workers_flag, require_image_size,
+                       require_positive, resolve_device, resolve_workers)
+from utils.data import SeededSampler, make_loader, open_split, val_transform
+from utils.errors import report_user_errors
+from utils.evaluation import evaluate
 
 
 def parse_args(argv=None):
@@ -26,8 +25,8 @@ def parse_args(argv=None):
                              "2 for released files)")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("-j", "--workers", type=int, default=None)
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    add_workers_flag(parser)
+    add_device_flag(parser)
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--print_freq", type=int, default=10)
     return parser.parse_args(argv)
@@ -36,16 +35,14 @@ def parse_args(argv=None):
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    if args.image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
-    if args.batch_size <= 0:
-        raise UserError(f"--batch_size must be positive, got {args.batch_size}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    require_image_size(args.image_size)
+    require_positive({"--batch_size": args.batch_size})
+    device = resolve_device(args.device)
+    workers = resolve_workers(args.workers)
     model, step = model_from_checkpoint(args.checkpoint, args.step)
     model.to(device)
     dataset = open_split(args.data, "val", val_transform(args.image_size),
                          num_classes=model.fc.out_features)
-    workers = default_workers() if args.workers is None else args.workers
     loader = make_loader(dataset, SeededSampler(len(dataset), shuffle=False), args.batch_size,
                          workers, device.type == "cuda")
     print(f"=> evaluating {args.checkpoint} as step {step} on {len(dataset)} images of "

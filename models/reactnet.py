@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from .binarize import binarize_activation, binarize_weight
 
 STAGE_WIDTHS = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
+# Five stride-2 stages take the input down by 32: a smaller image leaves no pixel for the last blocks.
+MIN_INPUT_SIZE = 32
 
 
 class LearnableBias(nn.Module):

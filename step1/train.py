@@ -4,7 +4,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.engine import main  # noqa: E402
+from utils.trainer import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(step=1, binary_weights=False, weight_decay=5e-6)
+    main(step=1)

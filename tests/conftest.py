@@ -50,6 +50,13 @@ def run_script(script, *args, env=None, cwd=None, timeout=600):
                           capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=timeout)
 
 
+def run_tool(name, *args, env=None, timeout=600):
+    """Runs ``python -m tools.NAME`` from the repository root; returns the CompletedProcess."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", f"tools.{name}", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, cwd=REPO, timeout=timeout)
+
+
 def train_args(data, teacher, save, *extra, epochs=1, batch_size=8):
     """Flags for a fast step-1/step-2 run on ``tiny_data``."""
     return ["--data", data, "--teacher", "resnet18", "--teacher_weights", teacher, "--save", save,

@@ -1,4 +1,4 @@
-"""utils/ablation.py: the grid, the run plan, the table, and one real run of the whole tool."""
+"""tools/ablation.py: the grid, the run plan, the table, and one real run of the whole tool."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import torch
 import torchvision
 from conftest import write_image_folder
 
-from utils.ablation import COLUMNS, CONFIGS, Config, main, plan, read_metrics, summarize, table
+from tools.ablation import COLUMNS, CONFIGS, GridRow, main, plan, read_metrics, summarize, table
 
 
 def by_name(name):
@@ -102,7 +102,7 @@ def test_table_from_metrics_files(tmp_path):
 
 
 def test_summary_of_one_step_run(tmp_path):
-    config = Config("adam", None, 1e-5)
+    config = GridRow("adam", None, 1e-5)
     assert (config.schedule, config.weight_decays, config.name) == ("one-step", "1e-5", "adam_onestep_wd1e-5")
     write_metrics(tmp_path, [record(0, 10.0, 0.02), record(1, 20.0, 0.04)])
     summary = summarize(read_metrics(str(tmp_path)))

@@ -1,4 +1,4 @@
-"""utils/benchmark.py on tiny settings: a complete report, and a baseline that trains like ours."""
+"""python -m tools.benchmark on tiny settings: a complete report, and a baseline that trains like ours."""
 import json
 
 import pytest
@@ -6,7 +6,9 @@ import torch
 import torchvision
 
 from models import reactnet
-from utils import benchmark
+from tools import benchmark
+from tools.bench.compute import TrainingRun
+from tools.bench.variants import parse_variant
 
 TINY = ["--image_size", "32", "--batch_size", "4", "--steps", "2", "--warmup", "1", "--repeats", "1",
         "--num_classes", "10", "--teacher", "resnet18"]
@@ -49,7 +51,7 @@ def test_baseline_and_ours_agree_on_the_first_batch(step):
     teacher = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
     teachers = {False: teacher, True: teacher}
     images, target = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
-    runs = [benchmark.TrainingRun(benchmark.parse_config(name), student, teachers, images, target,
+    runs = [TrainingRun(parse_variant(name), student, teachers, images, target,
                                   torch.device("cpu")) for name in ("baseline", "ours")]
     losses = [run.iteration() for run in runs]
 
@@ -65,27 +67,27 @@ def test_metrics_configuration_measures_flips_without_changing_training():
     student = reactnet(10, binary_weights=True)
     teacher = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
     images, target = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
-    runs = [benchmark.TrainingRun(benchmark.parse_config(name), student, {False: teacher}, images, target,
+    runs = [TrainingRun(parse_variant(name), student, {False: teacher}, images, target,
                                   torch.device("cpu")) for name in ("ours", "ours+metrics")]
     for _ in range(3):
         losses = [run.iteration() for run in runs]
-        assert torch.equal(losses[0], losses[1])
+        assert losses[0] == losses[1]
     assert runs[0].paper_metrics is None
     summary = runs[1].paper_metrics.epoch_summary()
     assert runs[1].paper_metrics.steps == 3 and summary["flip_flop"] > 0
 
 
 def test_configuration_names():
-    assert benchmark.parse_config("baseline").published
-    config = benchmark.parse_config("ours+compile+bf16")
+    assert parse_variant("baseline").published
+    config = parse_variant("ours+compile+bf16")
     assert config.name == "ours+bf16+compile" and config.compile and config.bf16
-    assert benchmark.parse_config("ours+metrics+fused_adam").name == "ours+fused_adam+metrics"
+    assert parse_variant("ours+metrics+fused_adam").name == "ours+fused_adam+metrics"
     with pytest.raises(ValueError, match="unknown configuration"):
-        benchmark.parse_config("ours+fp16")
+        parse_variant("ours+fp16")
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--image_size", "16"], "--image_size must be at least 32"),
+    (["--image_size", "16"], "--image_size 16 is too small"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--configs", "ours+fp16"], "unknown configuration"),
 ])

@@ -1,15 +1,20 @@
-"""The binarizers of models/binarize.py against the formulas of SPEC section 2."""
+"""The binarizers of models/binarize.py against their formulas.
+
+Activation: forward sign(x) with sign(0) = 0; backward the derivative of F(x) = -1 (x < -1),
+x^2 + 2x (-1 <= x < 0), -x^2 + 2x (0 <= x < 1), 1 (x >= 1). Weights: forward alpha * sign(W) with
+alpha the mean |W| of each output channel; backward 1 where |W| <= 1, else 0.
+"""
 import pytest
 import torch
 
 from models.binarize import binarize_activation, binarize_weight
-from utils.baseline import MaskedPolynomialSign, nested_mean_clamped_sign
+from models.published import MaskedPolynomialSign, nested_mean_clamped_sign
 
 EPS = 1e-3
 
 
 def polynomial_derivative(x):
-    """dF/dx of SPEC's F, one interval at a time: 2 + 2x on [-1, 0), 2 - 2x on [0, 1), else 0."""
+    """dF/dx of the F above, one interval at a time: 2 + 2x on [-1, 0), 2 - 2x on [0, 1), else 0."""
     if -1 <= x < 0:
         return 2 + 2 * x
     if 0 <= x < 1:

@@ -1,4 +1,9 @@
-"""models.load_checkpoint on every supported file layout (SPEC section 4) and on bad files."""
+"""models.load_checkpoint on every supported file layout and on bad files.
+
+Released files: a dict with ``epoch``, ``state_dict``, ``best_top1_acc`` and ``optimizer``, saved from
+an nn.DataParallel model (every key prefixed ``module.``); ReActNet's release stores binary conv
+weights as ``*.weights`` of shape (out*in*k*k, 1).
+"""
 import os
 import re
 
@@ -7,8 +12,8 @@ import torch
 import torchvision
 
 from models import CheckpointError, load_checkpoint, reactnet
-from utils.config import build_parser
-from utils.engine import Trainer
+from utils.trainer import Trainer
+from utils.training_flags import build_parser, fill_defaults
 
 from conftest import train_args
 
@@ -44,7 +49,7 @@ def outputs(model):
 
 
 def published_wrapper(state_dict):
-    """What the authors' torch.save of an nn.DataParallel model held (SPEC section 4)."""
+    """What the authors' torch.save of an nn.DataParallel model held."""
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.25e-3)
     return {"epoch": 256, "state_dict": {"module." + k: v for k, v in state_dict.items()},
             "best_top1_acc": 70.5, "optimizer": optimizer.state_dict()}
@@ -90,7 +95,7 @@ def engine_run(tiny_data, teacher_weights, tmp_path_factory):
     """A checkpoint written by the training engine itself, from a student with moved weights."""
     save_dir = str(tmp_path_factory.mktemp("engine_run"))
     flags = [str(a) for a in train_args(tiny_data, teacher_weights, save_dir)]
-    trainer = Trainer(build_parser(1, 5e-6).parse_args(flags), step=1, binary_weights=False)
+    trainer = Trainer(fill_defaults(build_parser(1).parse_args(flags)), step=1)
     perturb(trainer.student, seed=2)
     trainer.save(is_best=False)
     return trainer.student, os.path.join(save_dir, "checkpoint.pth.tar")

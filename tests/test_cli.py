@@ -100,7 +100,7 @@ def test_step1_run_sh_passes_environment_as_flags(pipeline):
 def test_step2_starts_from_step1_best(pipeline):
     succeeded(pipeline["step2"])
     assert f"initialised from step-1 weights {pipeline['step1_best']}" in pipeline["step2"].stdout
-    # With --epochs 1 the only epoch trains at lr * (1 - 1/1) = 0 (SPEC section 3), so step 2
+    # With --epochs 1 the only epoch trains at lr * (1 - 1/1) = 0 (the schedule is stepped at the start of each epoch), so step 2
     # ends with step 1's learned parameters unchanged; only BatchNorm statistics moved.
     step1 = torch.load(pipeline["step1_best"], weights_only=True)
     step2 = torch.load(pipeline["step2_best"], weights_only=True)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import NUM_CLASSES, run_script, train_args, write_image_folder
+from conftest import NUM_CLASSES, run_script, run_tool, train_args, write_image_folder
+from tools.make_demo_data import TEXTURES, write_dataset
 from utils.distill import build_teacher
 from utils.errors import UserError
-from utils.make_demo_data import TEXTURES, write_dataset
 
 
 def read_split(root, split):
@@ -22,7 +22,7 @@ def read_split(root, split):
 
 def test_generator_writes_an_image_folder(tmp_path):
     out = tmp_path / "data"
-    result = run_script("utils/make_demo_data.py", "--out", out, "--classes", 3,
+    result = run_tool("make_demo_data", "--out", out, "--classes", 3,
                         "--train_per_class", 4, "--val_per_class", 2, "--size", 24)
     assert result.returncode == 0, result.stderr
     assert "chance: 33.3%" in result.stdout
@@ -67,7 +67,7 @@ def test_mean_colour_does_not_give_the_class(tmp_path):
     (["--size", "4"], "--size must be at least 8"),
 ])
 def test_generator_refuses_bad_input_in_one_line(tmp_path, flags, message):
-    result = run_script("utils/make_demo_data.py", "--out", tmp_path / "data", *flags)
+    result = run_tool("make_demo_data", "--out", tmp_path / "data", *flags)
     assert result.returncode != 0
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -75,9 +75,9 @@ def test_generator_refuses_bad_input_in_one_line(tmp_path, flags, message):
 
 @pytest.fixture(scope="module")
 def trained_teacher(tiny_data, tmp_path_factory):
-    """A resnet18 trained for one epoch on tiny_data by utils/train_teacher.py; returns (path, stdout)."""
+    """A resnet18 trained for one epoch on tiny_data by tools/train_teacher.py; returns (path, stdout)."""
     out = tmp_path_factory.mktemp("trained_teacher") / "teacher.pth"
-    result = run_script("utils/train_teacher.py", "--data", tiny_data, "--arch", "resnet18",
+    result = run_tool("train_teacher", "--data", tiny_data, "--arch", "resnet18",
                         "--epochs", 1, "--batch_size", 8, "--image_size", 32, "-j", 0,
                         "--device", "cpu", "--out", out)
     assert result.returncode == 0, result.stderr
@@ -103,7 +103,7 @@ def test_a_teacher_for_other_classes_is_refused_in_one_line(trained_teacher, tmp
 
 
 def test_train_teacher_refuses_an_unknown_architecture_in_one_line(tiny_data, tmp_path):
-    result = run_script("utils/train_teacher.py", "--data", tiny_data, "--arch", "resnet_nonexistent",
+    result = run_tool("train_teacher", "--data", tiny_data, "--arch", "resnet_nonexistent",
                         "--out", tmp_path / "t.pth")
     assert result.returncode != 0
     assert result.stderr.startswith("error: unknown classification model")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_script, train_args
-from utils import checkpoint
+from utils import run_folder
 
 
 def torchrun_command(*args, processes=2):
@@ -36,7 +36,7 @@ def two_epoch_run(tiny_data, teacher_weights, tmp_path_factory):
 
 def test_validation_matches_a_single_process_evaluation(tiny_data, two_epoch_run):
     save, output = two_epoch_run
-    evaluated = run_script("evaluate.py", "--data", tiny_data, "--checkpoint", save / checkpoint.LAST,
+    evaluated = run_script("evaluate.py", "--data", tiny_data, "--checkpoint", save / run_folder.LAST,
                            "--image_size", 32, "-j", 0, "--device", "cpu")
     assert evaluated.returncode == 0, evaluated.stderr
     assert summary_lines(evaluated.stdout) == summary_lines(output)[-1:]
@@ -44,7 +44,7 @@ def test_validation_matches_a_single_process_evaluation(tiny_data, two_epoch_run
 
 def test_only_rank_zero_writes_a_clean_checkpoint(two_epoch_run):
     save, output = two_epoch_run
-    state = torch.load(save / checkpoint.LAST, weights_only=True)
+    state = torch.load(save / run_folder.LAST, weights_only=True)
     assert state["args"]["world_size"] == 2 and state["epoch"] == 2
     assert not any(k.startswith("module.") for k in state["state_dict"])
     assert len(summary_lines(output)) == 2  # one line per epoch, not one per rank
@@ -67,8 +67,8 @@ def test_preempted_ranks_resume_from_one_checkpoint_bit_identically(tiny_data, t
     resumed = torchrun(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
-    expected = torch.load(save / checkpoint.LAST, weights_only=True)["state_dict"]
-    actual = torch.load(tmp_path / checkpoint.LAST, weights_only=True)["state_dict"]
+    expected = torch.load(save / run_folder.LAST, weights_only=True)["state_dict"]
+    actual = torch.load(tmp_path / run_folder.LAST, weights_only=True)["state_dict"]
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 

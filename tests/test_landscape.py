@@ -1,4 +1,4 @@
-"""utils/landscape.py on the tiny dataset: output files, the centre of the grid, filter normalisation."""
+"""tools/landscape.py on the tiny dataset: output files, the centre of the grid, filter normalisation."""
 import os
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import NUM_CLASSES, run_script
+from conftest import NUM_CLASSES, run_tool
 from models import load_checkpoint, reactnet
-from utils import landscape
+from tools import landscape
 from utils.data import open_split, val_transform
 
 BATCHES, BATCH_SIZE, IMAGE_SIZE, SEED = 2, 8, 32, 0
@@ -114,7 +114,7 @@ def test_directions_are_fixed_by_the_seed():
 
 def test_missing_checkpoint_is_one_error_line(tiny_data, tmp_path):
     missing = tmp_path / "missing.pth"
-    result = run_script("utils/landscape.py", "--checkpoint", missing, "--data", tiny_data,
+    result = run_tool("landscape", "--checkpoint", missing, "--data", tiny_data,
                         "--out", tmp_path / "out")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: no checkpoint file at {missing}"]

@@ -1,4 +1,5 @@
-"""ReActNet-A of models/reactnet.py against SPEC sections 1 and 2 and the published state_dict."""
+"""ReActNet-A of models/reactnet.py against the architecture written out
+independently below and the published state_dict."""
 import math
 import os
 
@@ -13,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE_DICT_TSV = os.path.join(REPO, "tests", "reactnet_a_state_dict.tsv")
 PARAMETERS_AT_1000_CLASSES = 29_343_592
 
-# SPEC section 1, entries 1..13 of `feature`: (inplanes, planes, stride). Stride 2 wherever the
+# Entries 1..13 of `feature`: (inplanes, planes, stride). Stride 2 wherever the
 # width changes, except 32 -> 64.
 BLOCKS = [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2),
           (512, 512, 1), (512, 512, 1), (512, 512, 1), (512, 512, 1), (512, 512, 1),
@@ -38,7 +39,7 @@ def described(model):
     return [(name, tuple(t.shape), t.dtype) for name, t in model.state_dict().items()]
 
 
-# --- The reference: SPEC sections 1 and 2 written as functions of a flat dict of tensors. ---
+# --- The reference: the architecture and binarizers written as functions of a flat dict of tensors. ---
 
 def sign_published_style(x):
     """sign(x) forward; the gradient of F = -1 | x^2+2x | -x^2+2x | 1 via float masks."""

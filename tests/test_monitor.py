@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from models import reactnet
 from models.reactnet import binary_convs
-from utils.monitor import PaperMetrics, TrainingLog, channel_abs_mean
+from utils.monitor import PaperMetrics, MetricsLog, channel_abs_mean
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_channel_abs_mean():
 
 
 def test_training_log_writes_jsonl_and_tensorboard(tmp_path, model):
-    log = TrainingLog(tmp_path, enabled=True)
+    log = MetricsLog(tmp_path, enabled=True)
     log.iteration(0, {"loss": 1.5})
     log.epoch(0, {"val_top1": 12.5, "flip_flop_per_layer": {"a": 0.1}, "saturation": None}, model)
     log.close()

@@ -1,6 +1,6 @@
-"""The OPs counter and ``python -m models.summary`` against ReActNet-A's cost worked out by hand.
+"""The OPs counter and ``python -m tools.summary`` against ReActNet-A's cost worked out by hand.
 
-The expected numbers come from the architecture (SPEC section 1): a stride-2 stem, then 13 blocks,
+The expected numbers come from the architecture: a stride-2 stem, then 13 blocks,
 each a full 3x3 conv C->C and 1x1 conv(s) C->C' (two C->C convs when C' = 2C), then fc.
 """
 import os
@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from conftest import REPO
-from models import count_ops, reactnet, summary
+from models import count_ops, reactnet
+from tools import summary
 
 WIDTHS = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
-PARAMS_AT_1000_CLASSES = 29_343_592  # SPEC section 1
+PARAMS_AT_1000_CLASSES = 29_343_592  # ReActNet-A at 1000 classes
 
 
 def block_shapes(image_size):
@@ -128,7 +129,7 @@ def test_training_mode_is_restored(step2_model):
 
 def test_cli_prints_table_and_totals():
     # Run as documented, from the repository root, in a fresh interpreter.
-    result = subprocess.run([sys.executable, "-m", "models.summary", "--image_size", "32"],
+    result = subprocess.run([sys.executable, "-m", "tools.summary", "--image_size", "32"],
                             capture_output=True, text=True, cwd=REPO,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert result.returncode == 0, result.stderr

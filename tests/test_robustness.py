@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from conftest import REPO, run_script, train_args, write_image_folder
-from utils import checkpoint
+from utils import run_folder
 from utils.errors import UserError
 
 STEP1 = os.path.join(REPO, "step1", "train.py")
@@ -28,7 +28,7 @@ def step1_command(data, teacher, save, *extra, epochs=2):
 
 
 def final_weights(save):
-    return torch.load(os.path.join(save, checkpoint.LAST), weights_only=True)["state_dict"]
+    return torch.load(os.path.join(save, run_folder.LAST), weights_only=True)["state_dict"]
 
 
 def assert_bit_identical(a, b):
@@ -71,7 +71,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tiny_data, teac
                                                                  uninterrupted):
     command = step1_command(tiny_data, teacher_weights, tmp_path, "--save_every_iters", 1)
     process = start(command)
-    wait_for(tmp_path / checkpoint.LAST, process)
+    wait_for(tmp_path / run_folder.LAST, process)
     time.sleep(random.uniform(0, 4))
     process.kill()
     process.wait()
@@ -95,7 +95,7 @@ def test_sigterm_saves_mid_epoch_and_resume_is_bit_identical(tiny_data, teacher_
     assert stopped, output
     epoch, iteration = int(stopped[1]), int(stopped[2])
     assert epoch == 1 and 0 < iteration < 6
-    state = torch.load(tmp_path / checkpoint.LAST, weights_only=True)
+    state = torch.load(tmp_path / run_folder.LAST, weights_only=True)
     assert (state["epoch"], state["iteration"]) == (epoch, iteration)
 
     resumed = subprocess.run(command, capture_output=True, text=True,
@@ -106,8 +106,8 @@ def test_sigterm_saves_mid_epoch_and_resume_is_bit_identical(tiny_data, teacher_
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    checkpoint.save({"epoch": 1}, tmp_path)
-    before = (tmp_path / checkpoint.LAST).read_bytes()
+    run_folder.save({"epoch": 1}, tmp_path)
+    before = (tmp_path / run_folder.LAST).read_bytes()
 
     def disk_full(obj, path):
         with open(path, "wb") as f:
@@ -116,18 +116,18 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(UserError, match="No space left on device.*previous file there is intact"):
-        checkpoint.save({"epoch": 2}, tmp_path)
-    assert (tmp_path / checkpoint.LAST).read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == [checkpoint.LAST]
+        run_folder.save({"epoch": 2}, tmp_path)
+    assert (tmp_path / run_folder.LAST).read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [run_folder.LAST]
 
 
 def test_partial_file_from_a_crash_is_removed_and_never_loaded(tiny_data, teacher_weights, tmp_path):
-    partial = tmp_path / f"{checkpoint.LAST}{checkpoint.PARTIAL}999"
+    partial = tmp_path / f"{run_folder.LAST}{run_folder.PARTIAL}999"
     partial.write_bytes(b"garbage from a crash")
     result = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, tmp_path))
     assert result.returncode == 0, result.stderr
     assert not partial.exists()
-    assert torch.load(tmp_path / checkpoint.LAST, weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / run_folder.LAST, weights_only=True)["epoch"] == 1
 
 
 @pytest.fixture
@@ -145,14 +145,14 @@ def limit_file_size(limit):
 
 
 def test_full_disk_while_saving_stops_cleanly(tiny_data, teacher_weights, one_epoch_run):
-    before = (one_epoch_run / checkpoint.LAST).read_bytes()
+    before = (one_epoch_run / run_folder.LAST).read_bytes()
     command = step1_command(tiny_data, teacher_weights, one_epoch_run)
     result = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_file_size(10**7),
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     line = one_error_line(result)
     assert "could not write" in line and "previous file there is intact" in line
-    assert (one_epoch_run / checkpoint.LAST).read_bytes() == before
-    assert not [name for name in os.listdir(one_epoch_run) if checkpoint.PARTIAL in name]
+    assert (one_epoch_run / run_folder.LAST).read_bytes() == before
+    assert not [name for name in os.listdir(one_epoch_run) if run_folder.PARTIAL in name]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, teacher_weights, one_epoch_run):
@@ -160,11 +160,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, teacher_
     state = torch.load(teacher_weights, weights_only=True)
     state["fc.bias"][0] = float("nan")
     torch.save(state, poisoned)
-    before = (one_epoch_run / checkpoint.LAST).read_bytes()
+    before = (one_epoch_run / run_folder.LAST).read_bytes()
     args = train_args(tiny_data, poisoned, one_epoch_run, epochs=2)
     line = one_error_line(run_script("step1/train.py", *args))
     assert "non-finite" in line and "epoch 1 iteration 0" in line
-    assert (one_epoch_run / checkpoint.LAST).read_bytes() == before
+    assert (one_epoch_run / run_folder.LAST).read_bytes() == before
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The training recipe of SPEC section 3 (optimizer, schedule, loss) and exact resume."""
+"""The training recipe (Adam, the linear schedule stepped per epoch, the distillation loss) and exact resume."""
 import json
 import math
 import os
@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 
 from models import reactnet
-from utils.config import build_parser
 from utils.distill import distillation_loss
-from utils.engine import Trainer, build_optimizer, build_scheduler
+from utils.optim import build_optimizer, build_scheduler
+from utils.trainer import Trainer
+from utils.training_flags import build_parser, fill_defaults
 
 from conftest import REPO, run_script, train_args
 
@@ -34,7 +35,7 @@ def model():
 
 
 def conv_weight_names(model):
-    """Every conv weight by the names SPEC gives them: the stem's conv1 and the binary_* convs."""
+    """Every conv weight by their names in the published state_dict: the stem's conv1 and the binary_* convs."""
     return {name for name, _ in model.named_parameters()
             if name == "feature.0.conv1.weight" or (".binary_" in name and name.endswith(".weight"))}
 
@@ -123,7 +124,7 @@ def logits_pair(batch=5, classes=7, seed=0):
 
 PAGE_FAULTS_OF_ALLOCATIONS = textwrap.dedent("""
     import resource, sys, torch
-    from utils.engine import keep_freed_host_memory
+    from utils.runtime import keep_freed_host_memory
     if sys.argv[1] == "keep":
         assert keep_freed_host_memory()
     def faults():
@@ -180,12 +181,12 @@ CRASH_AFTER_FIRST_SAVE = textwrap.dedent("""
     import os, runpy, sys
     repo = sys.argv.pop(1)
     sys.path.insert(0, repo)
-    import utils.checkpoint
-    save = utils.checkpoint.save
+    import utils.run_folder
+    save = utils.run_folder.save
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
         os._exit(75)
-    utils.checkpoint.save = save_then_die
+    utils.run_folder.save = save_then_die
     sys.argv[0] = os.path.join(repo, "step1", "train.py")
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)
@@ -238,7 +239,7 @@ def runs(tiny_data, teacher_weights, tmp_path_factory):
     copy.mkdir()
     shutil.copy(os.path.join(interrupted, "checkpoint.pth.tar"), copy)
     flags = [str(a) for a in train_args(tiny_data, teacher_weights, str(copy), epochs=2)]
-    restored = trainer_state(Trainer(build_parser(1, WD).parse_args(flags), 1, False))
+    restored = trainer_state(Trainer(fill_defaults(build_parser(1).parse_args(flags)), 1))
 
     resumed = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, interrupted, epochs=2))
     straight = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, uninterrupted, epochs=2))

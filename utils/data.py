@@ -21,7 +21,6 @@ IMAGENET_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
 IMAGENET_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                                 [-0.5808, -0.0045, -0.8140],
                                 [-0.5836, -0.6948, 0.4203]])
-MIN_IMAGE_SIZE = 32  # ReActNet-A downsamples by 32
 
 
 class Lighting:
@@ -193,10 +192,3 @@ def make_loader(dataset, sampler, batch_size, workers, pin_memory):
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         collate_fn=collate_readable, pin_memory=pin_memory, drop_last=False,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-
-
-def default_workers(processes_per_node=1):
-    """Data-loading workers per process: the CPUs this process may use, shared by the node's
-    processes, one left for the training loop itself, at most 16."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, cpus // max(1, processes_per_node) - 1))

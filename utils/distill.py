@@ -38,7 +38,7 @@ def build_teacher(arch, num_classes, weights_path=None):
         if num_classes != 1000:
             raise UserError(f"the data has {num_classes} classes but the pretrained '{arch}' "
                             f"teacher predicts 1000 ImageNet classes: train a teacher on your data "
-                            f"(python utils/train_teacher.py) and pass --teacher_weights")
+                            f"(python -m tools.train_teacher) and pass --teacher_weights")
         try:
             teacher = builder(weights="DEFAULT")
         except Exception as e:  # urllib/SSL/socket errors differ by platform

@@ -53,8 +53,9 @@ def all_reduce_sum(tensor, ctx):
 
 
 def any_rank(flags, ctx):
-    """For each flag, True on every rank if it is true on any rank (one collective for all)."""
-    if not ctx.distributed:
+    """For each flag, True on every rank if it is true on any rank (one collective for all).
+    ``ctx`` None means a single process."""
+    if ctx is None or not ctx.distributed:
         return [bool(f) for f in flags]
     t = torch.tensor([int(bool(f)) for f in flags], device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

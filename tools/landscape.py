@@ -12,7 +12,7 @@ The loss is the cross-entropy against the true labels on the first --batches bat
 shuffle of DATA/train, read with the deterministic validation transform and kept in memory, with
 BatchNorm in eval mode. The centre of the grid is the checkpoint itself.
 
-    python utils/landscape.py --checkpoint step2/models/model_best.pth.tar --data /imagenet \\
+    python -m tools.landscape --checkpoint step2/models/model_best.pth.tar --data /imagenet \\
         --out landscape/step2 --dim 2 --points 21 --span 1
 
 Writes OUT/landscape.npz (x, y for --dim 2, losses with losses[i, j] at (x[i], y[j]), and the run's
@@ -21,7 +21,6 @@ settings) and OUT/landscape.png (a line for --dim 1; a contour plot and a surfac
 import argparse
 import itertools
 import os
-import sys
 import time
 
 import matplotlib
@@ -34,12 +33,10 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from models.checkpoint import model_from_checkpoint  # noqa: E402
-from utils.config import OneLineErrorParser  # noqa: E402
-from utils.data import (MIN_IMAGE_SIZE, SeededSampler, default_workers, make_loader,  # noqa: E402
-                        open_split, val_transform)
+from utils.cli import (OneLineErrorParser, add_device_flag, add_workers_flag,  # noqa: E402
+                       require_image_size, require_positive, resolve_device, resolve_workers)
+from utils.data import SeededSampler, make_loader, open_split, val_transform  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 
 
@@ -58,10 +55,9 @@ def parse_args(argv=None):
     parser.add_argument("--step", type=int, choices=[1, 2], default=None,
                         help="1: real weights, 2: binary weights (default: from the checkpoint; "
                              "2 for released files)")
-    parser.add_argument("-j", "--workers", type=int, default=None)
+    add_workers_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="fixes the directions and which images are used")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                        help="default: cuda when available")
+    add_device_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -70,15 +66,8 @@ def check_args(args):
     if args.points < 3 or args.points % 2 == 0:
         raise UserError(f"--points must be odd and at least 3 so that the grid has 0 at its centre, "
                         f"got {args.points}")
-    if not args.span > 0:
-        raise UserError(f"--span must be positive, got {args.span}")
-    for flag, value in (("--batches", args.batches), ("--batch_size", args.batch_size)):
-        if value <= 0:
-            raise UserError(f"{flag} must be positive, got {value}")
-    if args.image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
-    if args.workers is not None and args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    require_positive({"--span": args.span, "--batches": args.batches, "--batch_size": args.batch_size})
+    require_image_size(args.image_size)
 
 
 def grid_coordinates(points, span):
@@ -222,13 +211,13 @@ def make_out_dir(path):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model, step = model_from_checkpoint(args.checkpoint, args.step)
     model.to(device).eval()
     dataset = open_split(args.data, "train", val_transform(args.image_size),
                          num_classes=model.fc.out_features)
     make_out_dir(args.out)
-    workers = default_workers() if args.workers is None else args.workers
+    workers = resolve_workers(args.workers)
     batches, skipped = cache_batches(dataset, args.batches, args.batch_size, args.seed, workers, device)
     num_images = sum(len(targets) for _, targets in batches)
     print(f"=> landscape of {args.checkpoint} as step {step} on {num_images} images of "

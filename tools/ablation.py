@@ -8,7 +8,7 @@ configurations that start from the same step 1 share that run. Runs that already
 epochs are skipped and stopped ones resume, so running the same command again continues the grid.
 The table goes to OUT/ablation.md and is printed.
 
-    python utils/ablation.py --data DATA --out ablation --epochs 4 \\
+    python -m tools.ablation --data DATA --out ablation --epochs 4 \\
         --teacher resnet18 --teacher_weights teacher.pth -- --device cpu
 """
 import argparse
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.checkpoint import LAST  # noqa: E402
-from utils.config import REPO_ROOT, OneLineErrorParser  # noqa: E402
-from utils.errors import UserError, report_user_errors  # noqa: E402
+from utils import recipe
+from utils.cli import OneLineErrorParser, require_positive
+from utils.errors import UserError, report_user_errors
+from utils.run_folder import LAST
+from utils.training_flags import REPO_ROOT
 
 FIRST_BINARY_LAYER = "feature.1.binary_3x3"  # the layer whose saturation the paper reports
 
@@ -36,7 +36,7 @@ def decay_text(weight_decay):
 
 
 @dataclass(frozen=True)
-class Config:
+class GridRow:
     """One row of the paper's ablation.
 
     Attributes:
@@ -74,15 +74,15 @@ class Config:
 
 
 # Table 1 of the paper (one-step and two-step at three weight decays) plus its Adam vs SGD pair.
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = tuple(recipe.LEARNING_RATES)
 CONFIGS = [
-    Config("adam", 1e-5, 0.0),
-    Config("adam", 5e-6, 0.0),
-    Config("adam", 0.0, 0.0),
-    Config("adam", None, 1e-5),
-    Config("adam", None, 5e-6),
-    Config("adam", None, 0.0),
-    Config("sgd", 5e-6, 0.0),
+    GridRow("adam", 1e-5, 0.0),
+    GridRow("adam", 5e-6, 0.0),
+    GridRow("adam", 0.0, 0.0),
+    GridRow("adam", None, 1e-5),
+    GridRow("adam", None, 5e-6),
+    GridRow("adam", None, 0.0),
+    GridRow("sgd", 5e-6, 0.0),
 ]
 
 
@@ -244,8 +244,8 @@ def parse_args(argv=None):
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
     parser.add_argument("--out", required=True,
                         help="folder for the runs (OUT/runs/<name>) and the table (OUT/ablation.md)")
-    parser.add_argument("--epochs", type=int, default=256,
-                        help="epochs per step; one-step runs train twice as many (default 256)")
+    parser.add_argument("--epochs", type=int, default=recipe.EPOCHS,
+                        help=f"epochs per step; one-step runs train twice as many (default {recipe.EPOCHS})")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=[c.name for c in CONFIGS],
                         help=f"train only these configurations: {', '.join(c.name for c in CONFIGS)}")
     for optimizer in OPTIMIZERS:
@@ -266,13 +266,10 @@ def parse_args(argv=None):
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be positive, got {args.epochs}")
     learning_rates = {name: getattr(args, f"{name}_learning_rate") for name in OPTIMIZERS
                       if getattr(args, f"{name}_learning_rate") is not None}
-    for name, value in learning_rates.items():
-        if not value > 0:
-            raise UserError(f"--{name}_learning_rate must be positive, got {value}")
+    require_positive({"--epochs": args.epochs,
+                      **{f"--{name}_learning_rate": value for name, value in learning_rates.items()}})
     if not os.path.isdir(args.data):
         raise UserError(f"data folder {args.data} does not exist: --data must hold train/ and val/")
     runs_dir = os.path.join(os.path.abspath(args.out), "runs")

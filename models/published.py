@@ -1,6 +1,6 @@
 """The binarizers computed the way the published implementation computes them.
 
-Used as the baseline of ``utils/benchmark.py`` and as a second opinion in the tests. The published
+Used as the baseline of ``python -m tools.benchmark`` and as a second opinion in the tests. The published
 code builds the surrogate gradient out of masks and the ``y.detach() - s.detach() + s`` trick, so
 autograd keeps every intermediate of the polynomial; its weight scale is a mean of means of |W| and
 its clip is an explicit clamp. Values and gradients agree with models/binarize.py up to rounding.
@@ -8,7 +8,7 @@ its clip is an explicit clamp. Values and gradients agree with models/binarize.p
 import torch
 import torch.nn as nn
 
-from models.reactnet import BasicBlock, BinaryConv2d
+from .reactnet import BasicBlock, BinaryConv2d
 
 
 class MaskedPolynomialSign(nn.Module):

@@ -5,25 +5,23 @@ train one here first and pass the file to step 1 and step 2 as ``--teacher_weigh
 ``--teacher`` architecture). Uses the same data pipeline as the steps: ImageFolder train/ and val/,
 the published augmentation and the validation resize and centre crop.
 
-    python utils/train_teacher.py --data /path/to/data --arch resnet34 --epochs 30 --out teacher.pth
+    python -m tools.train_teacher --data /path/to/data --arch resnet34 --epochs 30 --out teacher.pth
 """
 import argparse
 import functools
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.config import OneLineErrorParser  # noqa: E402
-from utils.data import (SeededSampler, default_workers, make_loader, open_split,  # noqa: E402
-                        train_transform, val_transform)
-from utils.engine import evaluate, seed_everything, warn_unreadable  # noqa: E402
-from utils.errors import UserError, report_user_errors  # noqa: E402
+from utils.cli import (OneLineErrorParser, add_device_flag, add_workers_flag, require_at_least,
+                       require_image_size, require_positive, resolve_device, resolve_workers)
+from utils.data import SeededSampler, make_loader, open_split, train_transform, val_transform
+from utils.errors import UserError, report_user_errors
+from utils.evaluation import evaluate, warn_unreadable
+from utils.runtime import seed_everything
 
 
 def parse_args(argv=None):
@@ -40,23 +38,18 @@ def parse_args(argv=None):
     parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
     parser.add_argument("--image_size", type=int, default=224,
                         help="training crop; use the same value as the steps' --image_size")
-    parser.add_argument("-j", "--workers", type=int, default=None,
-                        help="data-loading workers (default: from the CPU count)")
+    add_workers_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                        help="default: cuda when available")
+    add_device_flag(parser)
     return parser.parse_args(argv)
 
 
 def check_args(args):
     """Raises a UserError for values no run can use, before any time is spent training."""
-    for flag in ("epochs", "batch_size", "learning_rate", "image_size"):
-        if not getattr(args, flag) > 0:
-            raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.weight_decay < 0:
-        raise UserError(f"--weight_decay must be >= 0, got {args.weight_decay}")
-    if args.workers is not None and args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    require_positive({"--epochs": args.epochs, "--batch_size": args.batch_size,
+                      "--learning_rate": args.learning_rate})
+    require_image_size(args.image_size)
+    require_at_least(0, {"--weight_decay": args.weight_decay})
     if args.arch not in torchvision.models.list_models(module=torchvision.models):
         raise UserError(f"unknown classification model '{args.arch}': use a torchvision name such "
                         f"as resnet18 or resnet34")
@@ -97,13 +90,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, device):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     seed_everything(args.seed)
 
     train_set = open_split(args.data, "train", train_transform(args.image_size))
     val_set = open_split(args.data, "val", val_transform(args.image_size),
                          class_to_idx=train_set.class_to_idx)
-    workers = default_workers() if args.workers is None else args.workers
+    workers = resolve_workers(args.workers)
     pin = device.type == "cuda"
     train_sampler = SeededSampler(len(train_set), args.seed, shuffle=True)
     train_loader = make_loader(train_set, train_sampler, args.batch_size, workers, pin)

@@ -1,4 +1,5 @@
-"""Writing run checkpoints so that a crash at any moment leaves a loadable one behind."""
+"""The run folder: checkpoints written so that a crash at any moment leaves a loadable one
+behind, the RNG states they carry, and the text log."""
 import os
 import random
 import shutil
@@ -6,6 +7,7 @@ import shutil
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import UserError
 
 LAST = "checkpoint.pth.tar"
@@ -86,3 +88,36 @@ def set_rng_state(state):
                          n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def prepare_run_folder(folder, ctx):
+    """Creates the run folder on the main process and checks that it is writable."""
+    folder = os.path.abspath(folder)
+    if ctx.is_main:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            remove_partial_files(folder)
+            probe = os.path.join(folder, f".write_test.{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"cannot write to the run folder {folder} ({e.strerror}): pass a "
+                            f"writable --save") from None
+    distributed.barrier(ctx)
+    return folder
+
+
+class ConsoleLog:
+    """Prints on the main process and appends the same lines to ``SAVE/log.txt``."""
+
+    def __init__(self, path=None, enabled=True):
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, message):
+        if not self.enabled:
+            return
+        print(message, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(message + "\n")

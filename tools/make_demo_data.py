@@ -6,18 +6,15 @@ K). The patch's place, size, outline, tilt, pattern scale and phase and every co
 the mean colour says nothing about the class, random crops can cut the patch and horizontal flips
 keep the label. Every image is a function of ``(seed, split, class, index)``.
 
-    python utils/make_demo_data.py --out demo_output/data --classes 6
+    python -m tools.make_demo_data --out demo_output/data --classes 6
 """
 import os
-import sys
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.config import OneLineErrorParser  # noqa: E402
-from utils.errors import UserError, report_user_errors  # noqa: E402
+from utils.cli import OneLineErrorParser
+from utils.errors import UserError, report_user_errors
 
 TEXTURES = ["plain", "hstripes", "checker", "vstripes", "dots", "rings"]
 SPLITS = ["train", "val"]

@@ -2,9 +2,9 @@
 
 Run from the repository root:
 
-    python -m models.summary --image_size 224                # step-2 network, 1000 classes
-    python -m models.summary --step 1                        # binary activations, real weights
-    python -m models.summary --checkpoint step2/models/model_best.pth.tar
+    python -m tools.summary --image_size 224                 # step-2 network, 1000 classes
+    python -m tools.summary --step 1                         # binary activations, real weights
+    python -m tools.summary --checkpoint step2/models/model_best.pth.tar
 
 With --checkpoint, the step comes from the checkpoint's metadata (2 for released files) and the
 number of classes from its fc layer; the weights are loaded strictly, so a file that does not fit
@@ -12,13 +12,11 @@ is reported. The counts themselves depend only on the architecture and the image
 """
 import argparse
 
-from utils.config import OneLineErrorParser
-from utils.data import MIN_IMAGE_SIZE
-from utils.errors import UserError, report_user_errors
-
-from .checkpoint import model_from_checkpoint
-from .ops import BOPS_PER_OP, count_ops
-from .reactnet import reactnet
+from models import reactnet
+from models.checkpoint import model_from_checkpoint
+from models.ops import BOPS_PER_OP, count_ops
+from utils.cli import OneLineErrorParser, require_image_size, require_positive
+from utils.errors import report_user_errors
 
 DEFAULT_NUM_CLASSES = 1000
 COLUMNS = ("layer", "kind", "input", "output", "MACs", "params")
@@ -41,10 +39,9 @@ def build_model(args):
     Returns:
         (model, step).
     """
-    if args.image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
-    if args.num_classes is not None and args.num_classes <= 0:
-        raise UserError(f"--num_classes must be positive, got {args.num_classes}")
+    require_image_size(args.image_size)
+    if args.num_classes is not None:
+        require_positive({"--num_classes": args.num_classes})
     if args.checkpoint:
         return model_from_checkpoint(args.checkpoint, args.step)
     step = args.step or 2

@@ -1,0 +1,68 @@
+"""Command-line pieces shared by the training steps, evaluate.py and the tools."""
+import argparse
+import os
+
+import torch
+
+from models import MIN_INPUT_SIZE
+
+from .errors import UserError
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (no usage block) and exits with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def add_device_flag(parser):
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="default: cuda when available")
+
+
+def resolve_device(name):
+    """The torch.device for ``--device``; a UserError if CUDA is asked for but absent."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no GPU: pass --device cpu or check the driver")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def add_workers_flag(parser):
+    parser.add_argument("-j", "--workers", type=int, default=None,
+                        help="data-loading workers per process (default: from the CPU count)")
+
+
+def resolve_workers(workers, processes_per_node=1):
+    """``--workers`` checked, or by default the CPUs this process may use, shared by the node's
+    processes, one left for the training loop itself, at most 16."""
+    if workers is not None:
+        require_at_least(0, {"--workers": workers})
+        return workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cpus // max(1, processes_per_node) - 1))
+
+
+def require_positive(flags):
+    """A UserError naming the first flag whose value is not > 0.
+
+    Args:
+        flags: ``{"--flag": value}``.
+    """
+    for flag, value in flags.items():
+        if not value > 0:
+            raise UserError(f"{flag} must be positive, got {value}")
+
+
+def require_at_least(minimum, flags):
+    """A UserError naming the first flag in ``{"--flag": value}`` whose value is below ``minimum``."""
+    for flag, value in flags.items():
+        if value < minimum:
+            raise UserError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def require_image_size(size, flag="--image_size"):
+    """A UserError if ReActNet-A cannot take ``size`` x ``size`` images."""
+    if size < MIN_INPUT_SIZE:
+        raise UserError(f"{flag} {size} is too small: ReActNet-A downsamples by 32, use at least "
+                        f"{MIN_INPUT_SIZE}")

@@ -1,0 +1,314 @@
+"""The training engine behind step1/train.py and step2/train.py.
+
+``main(step)`` parses the flags, builds the student, the frozen teacher and the data, resumes
+from ``SAVE/checkpoint.pth.tar`` when it exists, and runs the epochs: each trains with the
+distillation loss, validates on the true labels and writes a checkpoint that restores everything.
+"""
+import contextlib
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+from models import load_checkpoint, reactnet
+from models.checkpoint import load_weights, read_checkpoint
+
+from . import distributed, recipe, run_folder
+from .cli import resolve_workers
+from .data import SeededSampler, make_loader, open_split, train_transform, val_transform
+from .distill import build_teacher
+from .errors import UserError, report_user_errors
+from .evaluation import evaluate, warn_unreadable
+from .meters import AverageMeter, ProgressMeter
+from .monitor import MetricsLog, PaperMetrics
+from .optim import build_optimizer, build_scheduler
+from .runtime import configure_device, seed_everything, to_device
+from .signals import StopSignals, Stopped
+from .training_flags import build_parser, fill_defaults, step1_checkpoint, validate
+from .training_step import NonFiniteLoss, TrainingStep
+
+
+class TrainingData:
+    """The train and val splits, their seeded samplers and loaders, for this process's share."""
+
+    def __init__(self, args, ctx):
+        workers = resolve_workers(args.workers, ctx.local_world_size)
+        self.train_set = open_split(args.data, "train", train_transform(args.image_size))
+        self.val_set = open_split(args.data, "val", val_transform(args.image_size),
+                                  class_to_idx=self.train_set.class_to_idx)
+        self.num_classes = len(self.train_set.classes)
+        self.train_sampler = SeededSampler(len(self.train_set), args.seed, True, ctx.rank, ctx.world_size)
+        self.val_sampler = SeededSampler(len(self.val_set), args.seed, False, ctx.rank, ctx.world_size)
+        pin = ctx.device.type == "cuda"
+        per_rank_batch = args.batch_size // ctx.world_size
+        self.train_loader = make_loader(self.train_set, self.train_sampler, per_rank_batch, workers, pin)
+        self.val_loader = make_loader(self.val_set, self.val_sampler, per_rank_batch, workers, pin)
+
+
+class Trainer:
+    """One run: student, teacher, optimizer, schedule, data, position in training, best accuracy."""
+
+    def __init__(self, args, step):
+        self.args, self.step = args, step
+        self.ctx = distributed.init(args.device)
+        self.device = self.ctx.device
+        validate(args, self.ctx.world_size)
+        seed_everything(args.seed)
+        self.save_dir = run_folder.prepare_run_folder(args.save, self.ctx)
+        self.log = run_folder.ConsoleLog(os.path.join(self.save_dir, "log.txt"), self.ctx.is_main)
+        configure_device(self.device)
+        self.data = TrainingData(args, self.ctx)
+        self.num_classes = self.data.num_classes
+
+        self.student = reactnet(self.num_classes, binary_weights=recipe.STEPS[step].binary_weights)
+        self.student.to(self.device)
+        if args.channels_last:
+            self.student.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.student, args.learning_rate, args.weight_decay,
+                                         args.fused_optimizer, args.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, args.epochs)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        # Below any accuracy, so the first validation always writes model_best.pth.tar.
+        self.epoch, self.iteration, self.best_top1 = 0, 0, float("-inf")
+        self.unreadable_count = 0
+        self.initial_signs = None  # of the binary convs at the start of this step, for C2I
+
+        # Before resuming: the teacher's random initialisation must not draw from the restored RNG.
+        self.teacher = self.build_teacher().to(self.device)
+        if args.channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+        self.restore_or_initialise()
+
+        # The paper's measurements read the weights, which are the same on every rank.
+        self.metrics = None
+        if self.ctx.is_main and not args.no_metrics:
+            self.metrics = PaperMetrics(self.student, self.initial_signs)
+            self.initial_signs = self.metrics.initial_signs
+        self.metrics_log = MetricsLog(self.save_dir, self.ctx.is_main)
+        self.model = self.wrap(self.student)
+        self.training_step = TrainingStep(
+            self.model, self.teacher, self.optimizer, self.device, args.amp, self.scaler, self.ctx,
+            after_update=self.metrics.after_step if self.metrics else None)
+        if self.ctx.is_main:
+            with open(os.path.join(self.save_dir, "args.json"), "w") as f:
+                json.dump(self.resolved_args(), f, indent=2)
+
+    def resolved_args(self):
+        return dict(vars(self.args), step=self.step, num_classes=self.num_classes,
+                    world_size=self.ctx.world_size)
+
+    def build_teacher(self):
+        # One process downloads the weights; the others wait and read them from the cache.
+        if not self.ctx.is_main:
+            distributed.barrier(self.ctx)
+        teacher = build_teacher(self.args.teacher, self.num_classes, self.args.teacher_weights)
+        if self.ctx.is_main:
+            distributed.barrier(self.ctx)
+        return teacher
+
+    def wrap(self, student):
+        """The student as it runs: DDP across processes, compiled if asked."""
+        model = student
+        if self.ctx.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+        if self.args.compile:
+            model = torch.compile(model, backend=self.args.compile)
+        return model
+
+    def restore_or_initialise(self):
+        """Resumes the run folder's checkpoint if there is one, else starts step 2 from step 1."""
+        resume_path = os.path.join(self.save_dir, run_folder.LAST)
+        start_from = step1_checkpoint(self.args)
+        if os.path.exists(resume_path):
+            self.resume(resume_path)
+        elif start_from is not None:
+            self.initialise_from(start_from)
+
+    def initialise_from(self, path):
+        if not os.path.isfile(path):
+            raise UserError(f"no step-1 checkpoint at {path}: run step 1 first (bash step1/run.sh) "
+                            f"or pass --step1_checkpoint PATH (or 'none' to train step 2 from scratch)")
+        load_checkpoint(self.student, path)
+        self.log(f"=> initialised from step-1 weights {path}")
+
+    def state_dict(self):
+        return {
+            "epoch": self.epoch,            # completed epochs
+            "iteration": self.iteration,    # completed iterations of the epoch in progress
+            "state_dict": self.student.state_dict(),
+            "best_top1_acc": self.best_top1,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "num_classes": self.num_classes,
+            "args": self.resolved_args(),
+            "rng": run_folder.rng_state(),
+            "initial_signs": self.initial_signs,
+        }
+
+    def resume(self, path):
+        state = read_checkpoint(path)
+        if state.get("step") != self.step or state.get("num_classes") != self.num_classes:
+            made_by = (f"step {state.get('step')} with {state.get('num_classes')} classes"
+                       if "step" in state else "something other than this repository's training")
+            raise UserError(f"{path} was made by {made_by}, but this is step {self.step} with "
+                            f"{self.num_classes} classes: pass a new --save folder for this run")
+        saved_optimizer = state["args"].get("optimizer", "adam")
+        if saved_optimizer != self.args.optimizer:
+            raise UserError(f"{path} was trained with --optimizer {saved_optimizer}, not "
+                            f"{self.args.optimizer}: resume with the run's own flags or pass a new --save")
+        load_weights(self.student, state, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self.best_top1 = state["best_top1_acc"]
+        run_folder.set_rng_state(state["rng"])
+        self.initial_signs = state.get("initial_signs")
+        changed = {k: (v, getattr(self.args, k)) for k, v in state["args"].items()
+                   if hasattr(self.args, k) and getattr(self.args, k) != v}
+        self.log(f"=> resuming {path} at epoch {self.epoch} iteration {self.iteration} "
+                 f"(best acc@1 {self.best_top1:.3f})")
+        if changed:
+            self.log(f"=> flags changed since the checkpoint (the optimizer keeps its saved "
+                     f"settings): {changed}")
+
+    def save(self, is_best=False):
+        if self.ctx.is_main:
+            run_folder.save(self.state_dict(), self.save_dir, is_best)
+        distributed.barrier(self.ctx)
+
+    def fit(self):
+        args = self.args
+        if self.epoch >= args.epochs:
+            self.log(f"=> {self.save_dir} already holds all {args.epochs} epochs; nothing to do")
+            return
+        with warnings.catch_warnings(), StopSignals() as stop:
+            # The schedule is stepped before the epoch's first optimizer step on purpose.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            while self.epoch < args.epochs:
+                if self.iteration == 0:
+                    self.scheduler.step()
+                self.log(f"learning_rate: {self.optimizer.param_groups[0]['lr']}")
+                started = time.time()
+                lr = self.optimizer.param_groups[0]["lr"]
+                train = self.train_one_epoch(stop)
+                distributed.broadcast_buffers(self.student, self.ctx)
+                val = evaluate(self.student, self.data.val_loader, self.device, args.amp,
+                               args.channels_last, self.log, args.print_freq, self.ctx)
+                record = {"lr": lr, "epoch_time": time.time() - started,
+                          **{f"train_{k}": v for k, v in train.items()},
+                          **{f"val_{k}": v for k, v in val.items()},
+                          **(self.metrics.epoch_summary() if self.metrics else {})}
+                self.metrics_log.epoch(self.epoch, record, self.student)
+                self.epoch, self.iteration = self.epoch + 1, 0
+                is_best = val["top1"] > self.best_top1
+                self.best_top1 = max(self.best_top1, val["top1"])
+                self.save(is_best)
+                skipped = (f"; {self.unreadable_count} unreadable training images skipped so far"
+                           if self.unreadable_count else "")
+                self.log(f"=> epoch {self.epoch - 1} done in {time.time() - started:.1f}s; "
+                         f"best acc@1 {self.best_top1:.3f}{skipped}")
+                if stop.requested and self.epoch < args.epochs:
+                    raise self.stopped(stop)
+
+    def stopped(self, stop):
+        return Stopped(stop.requested, self.epoch, self.iteration,
+                       os.path.join(self.save_dir, run_folder.LAST))
+
+    def train_one_epoch(self, stop):
+        """Trains from ``self.iteration`` to the end of ``self.epoch``.
+
+        Between iterations it writes a mid-epoch checkpoint every ``--save_every_iters``, and when a
+        stop signal arrived it writes one and raises Stopped.
+        """
+        args, loader = self.args, self.data.train_loader
+        self.model.train()
+        self.data.train_sampler.set_epoch(self.epoch, start=self.iteration * loader.batch_size)
+        num_batches = self.iteration + len(loader)
+        meters = [AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f"),
+                  AverageMeter("Loss", ":.4e"), AverageMeter("Acc@1", ":6.2f"),
+                  AverageMeter("Acc@5", ":6.2f")]
+        batch_time, data_time, losses, top1, top5 = meters
+        progress = ProgressMeter(num_batches, meters, prefix=f"Epoch: [{self.epoch}]")
+        end, stopping = time.time(), False
+        if self.metrics:
+            self.metrics.start_epoch()
+        # Hooks inside a compiled model would force recompilation, so saturation is sampled eagerly only.
+        sample_saturation = self.metrics and not args.compile
+        for images, target, unreadable in stop.guard(loader):
+            i = self.iteration
+            data_time.update(time.time() - end)
+            self.report_unreadable(unreadable, images)
+            images = to_device(images, self.device, args.channels_last)
+            target = target.to(self.device, non_blocking=True)
+            try:
+                with self.metrics.sample_saturation() if sample_saturation else contextlib.nullcontext():
+                    result = self.training_step(images, target, stop.requested)
+            except NonFiniteLoss as e:
+                raise UserError(f"the loss became non-finite ({e.loss}) at epoch {self.epoch} "
+                                f"iteration {i}; stopped before updating the weights, the last "
+                                f"checkpoint in {self.save_dir} is kept: resume with a lower "
+                                f"--learning_rate or without --amp") from None
+            stopping = result.stop
+            self.iteration += 1
+            n = len(target)
+            losses.update(result.loss, n)
+            top1.update(100 * result.correct1 / n, n)
+            top5.update(100 * result.correct5 / n, n)
+            batch_time.update(time.time() - end)
+            if i % args.print_freq == 0 or i == num_batches - 1 or stopping:
+                self.log(progress.line(i))
+                self.metrics_log.iteration(self.epoch * num_batches + i, {
+                    "loss": result.loss, "acc1": 100 * result.correct1 / n,
+                    "acc5": 100 * result.correct5 / n, "lr": self.optimizer.param_groups[0]["lr"],
+                    "images_per_s": n * self.ctx.world_size / batch_time.val})
+            if stopping or (args.save_every_iters and self.iteration % args.save_every_iters == 0
+                            and self.iteration < num_batches):
+                self.save()
+            if stopping:
+                break
+            end = time.time()
+        if stop.requested:
+            if not stopping:  # the loader broke off (its workers got the signal too): save here
+                self.save()
+            raise self.stopped(stop)
+        return {"loss": losses.avg, "top1": top1.avg, "top5": top5.avg}
+
+    def report_unreadable(self, unreadable, images):
+        """Warns about each skipped file; stops when too much of the batch was unreadable."""
+        warn_unreadable(unreadable, self.log)
+        self.unreadable_count += len(unreadable)
+        readable = 0 if images is None else len(images)
+        if len(unreadable) > self.args.max_unreadable_share * (readable + len(unreadable)):
+            raise UserError(f"{len(unreadable)} of {readable + len(unreadable)} images of a batch "
+                            f"were unreadable (e.g. {unreadable[0].path}), more than "
+                            f"--max_unreadable_share {self.args.max_unreadable_share}: check the dataset")
+
+
+def main(step):
+    """Entry point of both steps: ``step`` (1 or 2) picks the recipe's row and is recorded in every
+    checkpoint, so a run folder is never resumed by the other step."""
+    args = fill_defaults(build_parser(step).parse_args())
+    report_user_errors(train)(args, step)
+
+
+def train(args, step):
+    trainer = Trainer(args, step)
+    trainer.log(f"=> step {step}: ReActNet-A, {trainer.num_classes} classes, "
+                f"{len(trainer.data.train_set)} train / {len(trainer.data.val_set)} val images, "
+                f"{trainer.ctx.world_size} process(es) on {trainer.device}")
+    try:
+        trainer.fit()
+    except Stopped as stopped:
+        trainer.log(f"=> {stopped}")
+        sys.exit(128 + stopped.signum)
+    finally:
+        trainer.metrics_log.close()
+        distributed.shutdown(trainer.ctx)

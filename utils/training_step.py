@@ -1,0 +1,71 @@
+"""One training iteration of the recipe, shared by the trainer and the benchmark."""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import distributed
+from .distill import distillation_loss
+from .meters import topk_correct
+from .runtime import autocast
+
+
+class NonFiniteLoss(Exception):
+    """The loss was NaN or infinite; the weights were not updated."""
+
+    def __init__(self, loss):
+        super().__init__(f"non-finite loss {loss}")
+        self.loss = loss
+
+
+@dataclass
+class StepResult:
+    loss: float
+    correct1: float  # samples whose label is the top-1 prediction
+    correct5: float
+    stop: bool  # a stop was requested on some rank: every rank stops after this step
+
+
+class TrainingStep:
+    """Student forward under autocast, teacher forward under inference mode, distillation loss,
+    backward, then the optimizer update, unless the loss is non-finite on any rank.
+
+    The loss and the top-k counts are read back to the host once per step; the same collective
+    that agrees on a non-finite loss also agrees on a stop request, so all ranks stop together.
+
+    Args:
+        model: the student as it runs (possibly DDP-wrapped or compiled).
+        teacher: the frozen teacher.
+        optimizer: its optimizer.
+        device: where the batch lives.
+        amp: ``none``, ``bf16`` or ``fp16``.
+        scaler: a GradScaler (enabled for fp16); None for no loss scaling.
+        ctx: the distributed context; None for a single process.
+        after_update: called after every optimizer update (the paper's flip-flop bookkeeping).
+    """
+
+    def __init__(self, model, teacher, optimizer, device, amp="none", scaler=None, ctx=None,
+                 after_update=None):
+        self.model, self.teacher, self.optimizer = model, teacher, optimizer
+        self.device, self.amp, self.ctx, self.after_update = device, amp, ctx, after_update
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+
+    def __call__(self, images, target, stop_requested=False):
+        with autocast(self.device, self.amp):
+            logits = self.model(images)
+            with torch.inference_mode():
+                teacher_logits = self.teacher(images)
+        # The clone turns the inference tensor into one autograd may read.
+        loss = distillation_loss(logits, teacher_logits.clone())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        correct1, correct5 = topk_correct(logits.detach(), target)
+        loss_value, c1, c5 = torch.stack([loss.detach(), correct1, correct5]).tolist()
+        stop, diverged = distributed.any_rank([stop_requested, not math.isfinite(loss_value)], self.ctx)
+        if diverged:
+            raise NonFiniteLoss(loss_value)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.after_update:
+            self.after_update()
+        return StepResult(loss_value, c1, c5, stop)
