@@ -9,8 +9,9 @@ import argparse
 import os
 
 from models.checkpoint import model_from_checkpoint
-from utils.cli import (OneLineErrorParser, add_device_flag, add_workers_flag, require_image_size,
-                       require_positive, resolve_device, resolve_workers)
+from utils.cli import (OneLineErrorParser, add_device_flag, add_unreadable_flag, add_workers_flag,
+                       require_image_size, require_positive, require_share, resolve_device,
+                       resolve_workers)
 from utils.data import SeededSampler, make_loader, open_split, val_transform
 from utils.errors import report_user_errors
 from utils.evaluation import evaluate
@@ -29,6 +30,7 @@ def parse_args(argv=None):
     add_device_flag(parser)
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--print_freq", type=int, default=10)
+    add_unreadable_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -37,6 +39,7 @@ def main(argv=None):
     args = parse_args(argv)
     require_image_size(args.image_size)
     require_positive({"--batch_size": args.batch_size})
+    require_share("--max_unreadable_share", args.max_unreadable_share)
     device = resolve_device(args.device)
     workers = resolve_workers(args.workers)
     model, step = model_from_checkpoint(args.checkpoint, args.step)
@@ -47,7 +50,8 @@ def main(argv=None):
                          workers, device.type == "cuda")
     print(f"=> evaluating {args.checkpoint} as step {step} on {len(dataset)} images of "
           f"{os.path.join(args.data, 'val')}", flush=True)
-    return evaluate(model, loader, device, args.amp, print_freq=args.print_freq)
+    return evaluate(model, loader, device, args.amp, print_freq=args.print_freq,
+                    max_unreadable_share=args.max_unreadable_share)
 
 
 if __name__ == "__main__":

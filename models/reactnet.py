@@ -124,6 +124,15 @@ class BasicBlock(nn.Module):
         return self.move23(self.prelu2(self.move22(out2)))
 
 
+class GlobalMeanPool(nn.Module):
+    """``AdaptiveAvgPool2d(1)`` written as a mean over height and width: the same values up to
+    summation order, and a backward that CUDA computes deterministically (adaptive pooling's does
+    not). Used under ``--deterministic`` on GPUs."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 class ReActNet(nn.Module):
     """ReActNet-A. ``feature[0]`` is the stem, ``feature[1:]`` the 13 binary blocks."""
 

@@ -15,6 +15,7 @@ IMAGE_SIZE="${IMAGE_SIZE:-224}"
 SEED="${SEED:-0}"
 WORKERS="${WORKERS:-}"               # empty: chosen from the CPU count
 SAVE="${SAVE:-$HERE/models}"          # step 2 looks for $HERE/models/model_best.pth.tar
+STEP_FLAGS=()                         # step 1 starts from scratch: an exported STEP1_CHECKPOINT is not for it
 LOG="${LOG:-$SAVE/run.log}"         # everything printed, errors included, is appended here
 # Processes: NGPUS per node (default: every visible GPU, 1 on CPU), NNODES nodes in all.
 NGPUS="${NGPUS:-}"

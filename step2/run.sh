@@ -16,6 +16,7 @@ SEED="${SEED:-0}"
 WORKERS="${WORKERS:-}"               # empty: chosen from the CPU count
 SAVE="${SAVE:-$HERE/models}"
 STEP1_CHECKPOINT="${STEP1_CHECKPOINT:-$(dirname "$HERE")/step1/models/model_best.pth.tar}"   # none: from scratch
+STEP_FLAGS=(--step1_checkpoint "$STEP1_CHECKPOINT")
 LOG="${LOG:-$SAVE/run.log}"         # everything printed, errors included, is appended here
 # Processes: NGPUS per node (default: every visible GPU, 1 on CPU), NNODES nodes in all.
 NGPUS="${NGPUS:-}"

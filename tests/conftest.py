@@ -57,6 +57,15 @@ def run_tool(name, *args, env=None, timeout=600):
                           text=True, env=full_env, cwd=REPO, timeout=timeout)
 
 
+def single_error_line(result):
+    """The one ``error:`` line of a failed command that printed no traceback."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
 def train_args(data, teacher, save, *extra, epochs=1, batch_size=8):
     """Flags for a fast step-1/step-2 run on ``tiny_data``."""
     return ["--data", data, "--teacher", "resnet18", "--teacher_weights", teacher, "--save", save,

@@ -67,7 +67,9 @@ def pipeline(tiny_data, teacher_weights, tmp_path_factory):
     step1_dir, step2_dir = str(elsewhere / "step1_run"), str(root / "step2_run")
     step1_env = {"DATA": tiny_data, "EPOCHS": "1", "BATCH_SIZE": "8", "IMAGE_SIZE": "32",
                  "TEACHER": "resnet18", "TEACHER_WEIGHTS": teacher_weights, "WORKERS": "0",
-                 "SAVE": "step1_run", "NGPUS": "1"}
+                 "SAVE": "step1_run", "NGPUS": "1",
+                 # Exported for step 2 by some job scripts: step 1 must not pass it on.
+                 "STEP1_CHECKPOINT": "/nowhere/model_best.pth.tar"}
     # Extra arguments go to train.py: the CPU keeps the logged accuracy comparable to evaluate's.
     step1 = run_sh(1, step1_env, "--device", "cpu", cwd=str(elsewhere))
     step1_best = os.path.join(step1_dir, BEST)

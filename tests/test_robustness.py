@@ -15,6 +15,7 @@ import torch
 import torchvision
 
 from conftest import REPO, run_script, train_args, write_image_folder
+from models import reactnet
 from utils import run_folder
 from utils.errors import UserError
 
@@ -198,3 +199,36 @@ def test_resuming_a_run_folder_of_another_class_count_is_refused(teacher_weights
     torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), teacher4)
     line = one_error_line(run_script("step1/train.py", *train_args(four_classes, teacher4, one_epoch_run)))
     assert "3 classes" in line and "4 classes" in line and "new --save" in line
+
+
+@pytest.fixture
+def corrupt_val(tiny_data, tmp_path):
+    """tiny_data (12 val images) with a text file among the val images, and a checkpoint to evaluate."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    (root / "val" / "class_2" / "not_an_image.png").write_text("plain text")
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "bare.pth"
+    torch.save(reactnet(3, binary_weights=True).state_dict(), checkpoint)
+    return root, checkpoint
+
+
+def evaluate_corrupt_val(corrupt_val, *flags):
+    data, checkpoint = corrupt_val
+    return run_script("evaluate.py", "--data", data, "--checkpoint", checkpoint, "--image_size", 32,
+                      "--batch_size", 13, "-j", 0, "--device", "cpu", *flags)
+
+
+def test_unreadable_validation_images_are_counted_after_the_summary(corrupt_val):
+    result = evaluate_corrupt_val(corrupt_val)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    summary = next(i for i, line in enumerate(lines) if line.startswith(" * acc@1 "))
+    assert re.fullmatch(r" \* acc@1 \d+\.\d{3} acc@5 \d+\.\d{3}", lines[summary])
+    assert lines[summary + 1] == " * 1 unreadable of 13 validation images excluded from these accuracies"
+    assert "not_an_image.png" in result.stdout
+
+
+def test_too_many_unreadable_validation_images_stop_the_evaluation(corrupt_val):
+    line = one_error_line(evaluate_corrupt_val(corrupt_val, "--max_unreadable_share", 0))
+    assert "1 of 13 images" in line and "--max_unreadable_share" in line

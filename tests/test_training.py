@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 
 from models import reactnet
+from models.reactnet import GlobalMeanPool
 from utils.distill import distillation_loss
 from utils.optim import build_optimizer, build_scheduler
+from utils.runtime import configure_device
 from utils.trainer import Trainer
 from utils.training_flags import build_parser, fill_defaults
 
@@ -34,10 +36,9 @@ def model():
     return reactnet(num_classes=4)
 
 
-def conv_weight_names(model):
-    """Every conv weight by their names in the published state_dict: the stem's conv1 and the binary_* convs."""
-    return {name for name, _ in model.named_parameters()
-            if name == "feature.0.conv1.weight" or (".binary_" in name and name.endswith(".weight"))}
+def published_decayed_names(model):
+    """The published code's decayed group: parameters with 4 dimensions or 'conv' in their name."""
+    return {name for name, p in model.named_parameters() if len(p.shape) == 4 or "conv" in name}
 
 
 def group_names(model, group):
@@ -56,17 +57,20 @@ def test_optimizer_is_adam_with_published_betas(model):
         assert not group.get("decoupled_weight_decay", False)
 
 
-def test_weight_decay_applies_to_every_conv_weight_and_nothing_else(model):
+def test_weight_decay_follows_the_published_grouping(model):
     optimizer = build_optimizer(model, LR, WD)
     decayed = set().union(*(group_names(model, g) for g in optimizer.param_groups if g["weight_decay"] > 0))
     plain = set().union(*(group_names(model, g) for g in optimizer.param_groups if g["weight_decay"] == 0))
     assert all(g["weight_decay"] in (0, WD) for g in optimizer.param_groups)
-    assert decayed == conv_weight_names(model)
-    # Stem; 13 binary_3x3; binary_pw of 8 blocks; binary_pw_down1/2 of the 5 widening blocks.
-    assert len(decayed) == 1 + 13 + 8 + 5 * 2
+    assert decayed == published_decayed_names(model)
+    # Conv weights (stem; 13 binary_3x3; binary_pw of 8 blocks; binary_pw_down1/2 of the 5 widening
+    # blocks) and the six learnable shifts move11..move23 of each of the 13 blocks.
+    assert len(decayed) == (1 + 13 + 8 + 5 * 2) + 6 * 13
+    assert {"feature.0.conv1.weight", "feature.1.binary_3x3.weight", "feature.1.move11.bias",
+            "feature.13.move23.bias"} <= decayed
     assert plain == {name for name, _ in model.named_parameters()} - decayed
-    assert {"feature.0.bn1.weight", "feature.1.move11.bias", "feature.1.prelu1.weight",
-            "feature.2.bn2_1.bias", "fc.weight", "fc.bias"} <= plain
+    assert {"feature.0.bn1.weight", "feature.1.prelu1.weight", "feature.2.bn2_1.bias",
+            "fc.weight", "fc.bias"} <= plain
 
 
 def test_weight_decay_is_l2_added_to_the_gradient():
@@ -323,3 +327,21 @@ def test_run_folder_holds_args_json_and_best_model(runs):
     assert args["batch_size"] == 8 and args["image_size"] == 32
     best = load(os.path.join(folder, "model_best.pth.tar"))
     assert set(best["state_dict"]) == set(reactnet(3).state_dict())
+
+
+# --- Determinism on GPUs ---
+
+def test_deterministic_settings_and_pooling():
+    configure_device(torch.device("cuda"), deterministic=True)  # only flags: no GPU is touched
+    try:
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    x = torch.randn(2, 5, 7, 3, dtype=torch.float64, requires_grad=True)
+    mean = GlobalMeanPool()(x)
+    torch.testing.assert_close(mean, nn.AdaptiveAvgPool2d(1)(x))
+    mean.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 21))

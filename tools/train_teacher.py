@@ -20,7 +20,7 @@ from utils.cli import (OneLineErrorParser, add_device_flag, add_workers_flag, re
                        require_image_size, require_positive, resolve_device, resolve_workers)
 from utils.data import SeededSampler, make_loader, open_split, train_transform, val_transform
 from utils.errors import UserError, report_user_errors
-from utils.evaluation import evaluate, warn_unreadable
+from utils.evaluation import MAX_UNREADABLE_SHARE, check_unreadable, evaluate
 from utils.runtime import seed_everything
 
 
@@ -70,7 +70,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device):
     model.train()
     loss_sum, correct, count = 0.0, 0, 0
     for images, target, unreadable in loader:
-        warn_unreadable(unreadable, log)
+        check_unreadable(unreadable, 0 if images is None else len(images), MAX_UNREADABLE_SHARE, log)
         if images is None:
             continue
         images, target = images.to(device), target.to(device)

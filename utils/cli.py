@@ -7,6 +7,7 @@ import torch
 from models import MIN_INPUT_SIZE
 
 from .errors import UserError
+from .evaluation import MAX_UNREADABLE_SHARE
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -59,6 +60,18 @@ def require_at_least(minimum, flags):
     for flag, value in flags.items():
         if value < minimum:
             raise UserError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def add_unreadable_flag(parser):
+    parser.add_argument("--max_unreadable_share", type=float, default=MAX_UNREADABLE_SHARE,
+                        help="unreadable images are skipped with a warning and counted; stop when "
+                             "more than this share of one batch is unreadable")
+
+
+def require_share(flag, value):
+    """A UserError unless ``0 <= value < 1``."""
+    if not 0 <= value < 1:
+        raise UserError(f"{flag} must be in [0, 1), got {value}")
 
 
 def require_image_size(size, flag="--image_size"):

@@ -1,20 +1,25 @@
 """The recipe's optimizer and learning-rate schedule."""
 import torch
-import torch.nn as nn
 
 from . import recipe
 
 
-def build_optimizer(model, learning_rate, weight_decay, fused=False, name="adam"):
-    """Adam (or SGD with momentum 0.9) with L2 weight decay on the convolution weights only.
+def decayed(name, parameter):
+    """The published rule for the weight-decayed group: every 4-D parameter, which is every
+    convolution weight and also the (1, C, 1, 1) learnable shifts of RSign and RPReLU, and anything
+    named ``conv``. BatchNorm, PReLU slopes and fc are not decayed."""
+    return parameter.dim() == 4 or "conv" in name
 
-    Group 0 (no decay): BatchNorm, learnable biases, PReLU slopes, fc. Group 1: every conv weight.
-    ``fused=True`` uses PyTorch's fused kernel (faster, rounds slightly differently).
+
+def build_optimizer(model, learning_rate, weight_decay, fused=False, name="adam"):
+    """Adam (or SGD with momentum 0.9) with L2 weight decay on the ``decayed`` group.
+
+    Group 0: no decay. Group 1: ``decayed`` parameters, with ``weight_decay``. ``fused=True`` uses
+    PyTorch's fused kernel (faster, rounds slightly differently).
     """
-    conv_weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
-    conv_ids = {id(p) for p in conv_weights}
-    others = [p for p in model.parameters() if id(p) not in conv_ids]
-    groups = [{"params": others}, {"params": conv_weights, "weight_decay": weight_decay}]
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not decayed(n, p)]},
+              {"params": [p for n, p in named if decayed(n, p)], "weight_decay": weight_decay}]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=learning_rate, momentum=recipe.SGD_MOMENTUM, fused=fused or None)
     return torch.optim.Adam(groups, lr=learning_rate, betas=recipe.ADAM_BETAS, fused=fused or None)

@@ -1,6 +1,7 @@
 """Process set-up that every entry point shares: seeding, the device's settings, mixed precision."""
 import contextlib
 import ctypes
+import os
 import random
 
 import numpy as np
@@ -13,10 +14,17 @@ def seed_everything(seed):
     random.seed(seed)
 
 
-def configure_device(device):
-    """cuDNN picks its fastest kernels on a GPU; on a CPU, freed memory is kept for reuse."""
+def configure_device(device, deterministic=False):
+    """On a GPU, cuDNN picks its fastest kernels, or with ``deterministic`` only kernels that give
+    the same bits every run (and PyTorch refuses operations that have none); on a CPU, freed
+    memory is kept for reuse. CPU kernels are deterministic already."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        if deterministic:
+            # cuBLAS reads this when it creates its handle, at the first matrix product.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = not deterministic
     else:
         keep_freed_host_memory()
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from models import load_checkpoint, reactnet
+from models.reactnet import GlobalMeanPool
 from models.checkpoint import load_weights, read_checkpoint
 
 from . import distributed, recipe, run_folder
@@ -22,7 +23,7 @@ from .cli import resolve_workers
 from .data import SeededSampler, make_loader, open_split, train_transform, val_transform
 from .distill import build_teacher
 from .errors import UserError, report_user_errors
-from .evaluation import evaluate, warn_unreadable
+from .evaluation import check_unreadable, evaluate
 from .meters import AverageMeter, ProgressMeter
 from .monitor import MetricsLog, PaperMetrics
 from .optim import build_optimizer, build_scheduler
@@ -30,6 +31,22 @@ from .runtime import configure_device, seed_everything, to_device
 from .signals import StopSignals, Stopped
 from .training_flags import build_parser, fill_defaults, step1_checkpoint, validate
 from .training_step import NonFiniteLoss, TrainingStep
+
+
+# Flags whose change makes another experiment: a resume with other values is refused unless asked
+# for. The others (workers, printing, device, speed flags...) may change between runs.
+EXPERIMENT_FLAGS = ("learning_rate", "weight_decay", "epochs", "batch_size", "optimizer", "teacher",
+                    "teacher_weights", "image_size", "seed", "data")
+
+
+def changed_flags(saved_args, args):
+    """``{flag: (saved value, new value)}`` for each experiment flag that differs from the checkpoint's."""
+    return {flag: (saved_args[flag], getattr(args, flag)) for flag in EXPERIMENT_FLAGS
+            if flag in saved_args and saved_args[flag] != getattr(args, flag)}
+
+
+def describe_changes(changes):
+    return ", ".join(f"--{flag} {old} -> {new}" for flag, (old, new) in changes.items())
 
 
 class TrainingData:
@@ -60,11 +77,13 @@ class Trainer:
         seed_everything(args.seed)
         self.save_dir = run_folder.prepare_run_folder(args.save, self.ctx)
         self.log = run_folder.ConsoleLog(os.path.join(self.save_dir, "log.txt"), self.ctx.is_main)
-        configure_device(self.device)
+        configure_device(self.device, args.deterministic)
         self.data = TrainingData(args, self.ctx)
         self.num_classes = self.data.num_classes
 
         self.student = reactnet(self.num_classes, binary_weights=recipe.STEPS[step].binary_weights)
+        if args.deterministic and self.device.type == "cuda":
+            self.student.pool1 = GlobalMeanPool()
         self.student.to(self.device)
         if args.channels_last:
             self.student.to(memory_format=torch.channels_last)
@@ -76,6 +95,7 @@ class Trainer:
         self.epoch, self.iteration, self.best_top1 = 0, 0, float("-inf")
         self.unreadable_count = 0
         self.initial_signs = None  # of the binary convs at the start of this step, for C2I
+        self.flag_changes = []  # each resume that applied changed experiment flags
 
         # Before resuming: the teacher's random initialisation must not draw from the restored RNG.
         self.teacher = self.build_teacher().to(self.device)
@@ -150,6 +170,7 @@ class Trainer:
             "args": self.resolved_args(),
             "rng": run_folder.rng_state(),
             "initial_signs": self.initial_signs,
+            "flag_changes": self.flag_changes,
         }
 
     def resume(self, path):
@@ -159,10 +180,7 @@ class Trainer:
                        if "step" in state else "something other than this repository's training")
             raise UserError(f"{path} was made by {made_by}, but this is step {self.step} with "
                             f"{self.num_classes} classes: pass a new --save folder for this run")
-        saved_optimizer = state["args"].get("optimizer", "adam")
-        if saved_optimizer != self.args.optimizer:
-            raise UserError(f"{path} was trained with --optimizer {saved_optimizer}, not "
-                            f"{self.args.optimizer}: resume with the run's own flags or pass a new --save")
+        changes = self.check_changes(state, path)
         load_weights(self.student, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -171,13 +189,44 @@ class Trainer:
         self.best_top1 = state["best_top1_acc"]
         run_folder.set_rng_state(state["rng"])
         self.initial_signs = state.get("initial_signs")
-        changed = {k: (v, getattr(self.args, k)) for k, v in state["args"].items()
-                   if hasattr(self.args, k) and getattr(self.args, k) != v}
+        self.flag_changes = state.get("flag_changes", [])
         self.log(f"=> resuming {path} at epoch {self.epoch} iteration {self.iteration} "
                  f"(best acc@1 {self.best_top1:.3f})")
-        if changed:
-            self.log(f"=> flags changed since the checkpoint (the optimizer keeps its saved "
-                     f"settings): {changed}")
+        if changes:
+            self.apply_changes(changes)
+
+    def check_changes(self, state, path):
+        """The experiment flags that differ from the checkpoint's; a UserError unless the run was
+        told to continue with them, or where no continuation can honour them."""
+        changes = changed_flags(state["args"], self.args)
+        if not changes:
+            return changes
+        if not self.args.resume_with_changes:
+            raise UserError(f"{path} was trained with other flags: {describe_changes(changes)}; pass "
+                            f"a new --save to start a new experiment, or --resume_with_changes to "
+                            f"continue this run with the new values")
+        if "optimizer" in changes:
+            raise UserError(f"{path} was trained with --optimizer {changes['optimizer'][0]}, whose "
+                            f"state cannot continue as {changes['optimizer'][1]}: pass a new --save")
+        if "batch_size" in changes and state["iteration"]:
+            raise UserError(f"{path} stopped inside an epoch, which cannot continue with another "
+                            f"--batch_size: finish the epoch with --batch_size "
+                            f"{changes['batch_size'][0]} or pass a new --save")
+        return changes
+
+    def apply_changes(self, changes):
+        """Continues with the new learning rate, weight decay and schedule length, as if the
+        schedule had always had them; data, teacher, size and seed are already built from the new
+        flags. The change is kept in every later checkpoint and logged."""
+        base = self.args.learning_rate
+        rate = base * (1.0 - self.scheduler.last_epoch / self.args.epochs)
+        self.scheduler.base_lrs = [base] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = base, rate
+        self.optimizer.param_groups[1]["weight_decay"] = self.args.weight_decay
+        self.flag_changes.append({"epoch": self.epoch, "iteration": self.iteration,
+                                  "changes": {flag: list(pair) for flag, pair in changes.items()}})
+        self.log(f"=> continuing with changed flags: {describe_changes(changes)}")
 
     def save(self, is_best=False):
         if self.ctx.is_main:
@@ -201,7 +250,8 @@ class Trainer:
                 train = self.train_one_epoch(stop)
                 distributed.broadcast_buffers(self.student, self.ctx)
                 val = evaluate(self.student, self.data.val_loader, self.device, args.amp,
-                               args.channels_last, self.log, args.print_freq, self.ctx)
+                               args.channels_last, self.log, args.print_freq, self.ctx,
+                               args.max_unreadable_share)
                 record = {"lr": lr, "epoch_time": time.time() - started,
                           **{f"train_{k}": v for k, v in train.items()},
                           **{f"val_{k}": v for k, v in val.items()},
@@ -245,7 +295,9 @@ class Trainer:
         for images, target, unreadable in stop.guard(loader):
             i = self.iteration
             data_time.update(time.time() - end)
-            self.report_unreadable(unreadable, images)
+            check_unreadable(unreadable, 0 if images is None else len(images),
+                             args.max_unreadable_share, self.log)
+            self.unreadable_count += len(unreadable)
             images = to_device(images, self.device, args.channels_last)
             target = target.to(self.device, non_blocking=True)
             try:
@@ -280,16 +332,6 @@ class Trainer:
                 self.save()
             raise self.stopped(stop)
         return {"loss": losses.avg, "top1": top1.avg, "top5": top5.avg}
-
-    def report_unreadable(self, unreadable, images):
-        """Warns about each skipped file; stops when too much of the batch was unreadable."""
-        warn_unreadable(unreadable, self.log)
-        self.unreadable_count += len(unreadable)
-        readable = 0 if images is None else len(images)
-        if len(unreadable) > self.args.max_unreadable_share * (readable + len(unreadable)):
-            raise UserError(f"{len(unreadable)} of {readable + len(unreadable)} images of a batch "
-                            f"were unreadable (e.g. {unreadable[0].path}), more than "
-                            f"--max_unreadable_share {self.args.max_unreadable_share}: check the dataset")
 
 
 def main(step):

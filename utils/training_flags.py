@@ -6,8 +6,8 @@ existing scripts carry over. Defaults come from the recipe (utils/recipe.py).
 import os
 
 from . import recipe
-from .cli import (OneLineErrorParser, add_device_flag, add_workers_flag, require_at_least,
-                  require_image_size, require_positive)
+from .cli import (OneLineErrorParser, add_device_flag, add_unreadable_flag, add_workers_flag,
+                  require_at_least, require_image_size, require_positive, require_share)
 from .errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,8 @@ def build_parser(step):
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                         help="Adam (betas 0.9, 0.999; the paper's choice) or SGD with momentum 0.9")
     parser.add_argument("--weight_decay", type=float, default=step_recipe.weight_decay,
-                        help=f"L2 on conv weights only (default {step_recipe.weight_decay:g})")
+                        help=f"L2 on conv weights and learnable shifts, as published "
+                             f"(default {step_recipe.weight_decay:g})")
     parser.add_argument("--save", default=os.path.join(step_dir(step), "models"),
                         help="run folder: checkpoints, log, arguments (default: models/ beside this step)")
     parser.add_argument("--teacher", default=recipe.TEACHER, help="torchvision model name of the teacher")
@@ -50,9 +51,7 @@ def build_parser(step):
     parser.add_argument("--print_freq", type=int, default=1, help="print a progress line every N iterations")
     parser.add_argument("--save_every_iters", type=int, default=0,
                         help="also write a resumable checkpoint every N iterations (0: once per epoch)")
-    parser.add_argument("--max_unreadable_share", type=float, default=0.5,
-                        help="unreadable images are skipped with a warning; stop when more than this "
-                             "share of one batch is unreadable")
+    add_unreadable_flag(parser)
     parser.add_argument("--no_metrics", action="store_true",
                         help="skip the paper's flip-flop ratio, C2I and saturation measurements")
     add_device_flag(parser)
@@ -63,6 +62,13 @@ def build_parser(step):
                         help="torch.compile the student (backend default: inductor)")
     parser.add_argument("--fused_optimizer", action="store_true",
                         help="PyTorch's fused Adam kernel (faster; rounds slightly differently)")
+    parser.add_argument("--resume_with_changes", action="store_true",
+                        help="resume a run folder although learning rate, weight decay, epochs, batch "
+                             "size, teacher, image size, seed or data differ from its checkpoint, "
+                             "continuing with the new values")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU kernels (cuDNN deterministic, no autotuning, "
+                             "torch.use_deterministic_algorithms), so a resumed GPU run is bit-identical; slower")
     if step == 2:
         parser.add_argument("--step1_checkpoint", default=default_step1_checkpoint(),
                             help="step-1 weights to start from, loaded strictly "
@@ -85,8 +91,7 @@ def validate(args, world_size=1):
                          "--save_every_iters": args.save_every_iters})
     if args.workers is not None:
         require_at_least(0, {"--workers": args.workers})
-    if not 0 <= args.max_unreadable_share < 1:
-        raise UserError(f"--max_unreadable_share must be in [0, 1), got {args.max_unreadable_share}")
+    require_share("--max_unreadable_share", args.max_unreadable_share)
     require_image_size(args.image_size)
     if args.batch_size % world_size:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide among "
