@@ -171,7 +171,8 @@ def test_lighting_rounds_as_the_published_float64_arithmetic():
     images = torch.from_numpy(pixels).permute(2, 0, 1).expand(len(shifts), 3, 16, 16)
     lit = lighten(images, torch.from_numpy(shifts))
     for image, shift in zip(lit, shifts):
-        assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(published_lighting(pixels, shift)).float())
+        published = torch.from_numpy(published_lighting(pixels, shift)).float()
+        assert torch.equal(image.permute(1, 2, 0), published)
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

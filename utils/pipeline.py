@@ -144,11 +144,14 @@ class Batch:
 
     def decode(self, device):
         """The uint8 images (N, 3, S, S) on ``device``, cropped and flipped, before lighting."""
-        from_cpu = None if self.pixels is None else self.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        from_cpu = None
+        if self.pixels is not None:
+            from_cpu = self.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
         if self.jpegs is None:
             return from_cpu
-        cpu_images, device_images = iter(() if from_cpu is None else from_cpu), iter(self.decode_jpegs(device))
-        images = [next(device_images) if on_device else next(cpu_images) for on_device in self.on_device]
+        cpu_images = iter(() if from_cpu is None else from_cpu)
+        device_images = iter(self.decode_jpegs(device))
+        images = [next(device_images if on_device else cpu_images) for on_device in self.on_device]
         kept = [k for k, image in enumerate(images) if not isinstance(image, UnreadableImage)]
         self.unreadable += [image for image in images if isinstance(image, UnreadableImage)]
         self.keep(kept)
