@@ -74,7 +74,8 @@ def lighten(images, shifts):
 
     The published code adds the shift to the uint8 pixels in float64, clips to [0, 255] and
     truncates to uint8. Float32 would round ``pixel + shift`` differently next to integers, so
-    this stays in float64; the result is whole numbers, exact in float32.
+    this stays in float64; the result is whole numbers, exact in float32. (At alphastd 0.1 the
+    shift is a few hundredths of a grey level, so its visible effect is that truncation.)
     """
     shifted = images.double() + shifts.view(-1, 3, 1, 1)
     return shifted.clamp_(0, 255).floor_().float()
