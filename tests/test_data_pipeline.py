@@ -200,9 +200,10 @@ def test_files_the_device_cannot_decode_are_decoded_as_by_the_pil_backend(data, 
     assert seen == CPU_DECODED
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("backend", ["pil", "gpu"])
-def test_unreadable_files_are_skipped_and_reported(data, backend):
-    loader = loader_for(data, "train", backend)
+def test_unreadable_files_are_skipped_and_reported(data, backend, workers):
+    loader = loader_for(data, "train", backend, workers=workers)
     for epoch in range(3):
         skipped = []
         loader.sampler.set_epoch(epoch)
