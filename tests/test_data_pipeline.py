@@ -216,6 +216,9 @@ def test_unreadable_files_are_skipped_and_reported(data, backend, workers):
                 os.path.basename(os.path.dirname(path)) for path in batch.paths]
             assert len(batch) == len(target) == (0 if images is None else len(images))
             assert all(item.reason for item in batch.unreadable)
+            again = batch.to_device(CPU)
+            assert len(batch.unreadable) == len(unreadable)
+            assert images is again is None or torch.equal(again, images)
             skipped += unreadable
         assert sorted(skipped) == sorted(list(UNREADABLE) * 2)
 

@@ -152,10 +152,8 @@ class Batch:
         cpu_images = iter(() if from_cpu is None else from_cpu)
         device_images = iter(self.decode_jpegs(device))
         images = [next(device_images if on_device else cpu_images) for on_device in self.on_device]
-        kept = [k for k, image in enumerate(images) if not isinstance(image, UnreadableImage)]
-        self.unreadable += [image for image in images if isinstance(image, UnreadableImage)]
-        self.keep(kept)
-        return torch.stack([images[k] for k in kept]) if kept else None
+        images = self.drop_unreadable(images)
+        return torch.stack(images) if images else None
 
     def decode_jpegs(self, device):
         """Each JPEG of the batch decoded on ``device`` and cropped; PIL decodes any it fails on.
@@ -179,14 +177,25 @@ class Batch:
             return UnreadableImage.from_error(self.paths[k], error)
         return torch.tensor(pixels, device=device).permute(2, 0, 1)
 
-    def keep(self, kept):
-        """Keeps only the readable samples at positions ``kept``."""
-        if len(kept) == len(self.target):
-            return
-        self.target = self.target[kept]
-        self.shifts = None if self.shifts is None else self.shifts[kept]
+    def drop_unreadable(self, images):
+        """Moves the samples whose image is an UnreadableImage to ``unreadable``; returns the rest.
+
+        Only JPEGs decoded here can turn out unreadable; their bytes go too, so a second call
+        finds the batch as this one leaves it.
+        """
+        readable = [not isinstance(image, UnreadableImage) for image in images]
+        if all(readable):
+            return images
+        self.unreadable += [image for image, ok in zip(images, readable) if not ok]
+        jpegs_readable = [ok for ok, on_device in zip(readable, self.on_device) if on_device]
+        jpegs = [jpeg for jpeg, ok in zip(torch.split(self.jpegs, self.jpeg_sizes), jpegs_readable) if ok]
+        self.jpeg_sizes = [len(jpeg) for jpeg in jpegs]
+        self.jpegs = torch.cat(jpegs) if jpegs else None
+        self.target = self.target[readable]
+        self.shifts = None if self.shifts is None else self.shifts[readable]
         for name in ("paths", "augmentations", "on_device"):
-            setattr(self, name, [getattr(self, name)[k] for k in kept])
+            setattr(self, name, [value for value, ok in zip(getattr(self, name), readable) if ok])
+        return [image for image, ok in zip(images, readable) if ok]
 
 
 def decode_on_device(jpegs, device):
