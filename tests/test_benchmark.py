@@ -22,6 +22,8 @@ def test_report_has_every_configuration(tmp_path, capsys):
     report = benchmark.main([*TINY, "--recipe_steps", "2", "--configs", *configs,
                              "--fastest_from", "channels_last", "fused_adam",
                              "--loader", "--loader_images", "12", "--loader_image_size", "32",
+                             "--end_to_end", "--end_to_end_configs", "ours", "fastest",
+                             "--end_to_end_workers", "0", "--end_to_end_iterations", "2",
                              "--out", str(out)])
 
     rows = report["training"]
@@ -35,12 +37,19 @@ def test_report_has_every_configuration(tmp_path, capsys):
             assert row[key] > 0, (row["config"], key)
     baseline = next(row for row in rows if row["config"] == "baseline")
     assert baseline["speedup"] == baseline["peak_ratio"] == baseline["saved_ratio"] == 1.0
-    assert [row["workers"] for row in report["loader"]] == [0, 1, 2]
+    assert [(row["backend"], row["workers"]) for row in report["loader"]] == [
+        (backend, workers) for backend in ("pil", "gpu") for workers in (0, 1, 2)]
     assert all(row["images_per_s"] > 0 for row in report["loader"])
+    fed = report["end_to_end"]
+    assert [(row["backend"], row["config"]) for row in fed] == [
+        (backend, config) for backend in ("pil", "gpu") for config in ("ours", fastest[0]["config"])]
+    for row in fed:
+        assert row["images_per_s"] > 0 and row["speedup"] > 0 and 0 < row["data_wait_share"] < 1
 
     table = capsys.readouterr().out
     assert "| baseline | 2 |" in table and "| 1.00 |" in table
     assert f"| fastest = {fastest[0]['config']} | 2 |" in table
+    assert f"| ours | 2 | gpu | {fed[2]['images_per_s']:.1f} |" in table
     assert json.loads(out.read_text())["training"] == json.loads(json.dumps(rows))
 
 
@@ -49,7 +58,7 @@ def test_baseline_and_ours_agree_on_the_first_batch(step):
     torch.manual_seed(0)
     student = reactnet(10, binary_weights=step == 2)
     teacher = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
-    teachers = {False: teacher, True: teacher}
+    teachers = {(nhwc, compiled): teacher for nhwc in (False, True) for compiled in (False, True)}
     images, target = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
     runs = [TrainingRun(parse_variant(name), student, teachers, images, target,
                                   torch.device("cpu")) for name in ("baseline", "ours")]
@@ -67,7 +76,7 @@ def test_metrics_configuration_measures_flips_without_changing_training():
     student = reactnet(10, binary_weights=True)
     teacher = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
     images, target = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
-    runs = [TrainingRun(parse_variant(name), student, {False: teacher}, images, target,
+    runs = [TrainingRun(parse_variant(name), student, {(False, False): teacher}, images, target,
                                   torch.device("cpu")) for name in ("ours", "ours+metrics")]
     for _ in range(3):
         losses = [run.iteration() for run in runs]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import NUM_CLASSES, run_tool
 from models import load_checkpoint, reactnet
 from tools import landscape
-from utils.data import open_split, val_transform
+from utils.data import open_split
 
 BATCHES, BATCH_SIZE, IMAGE_SIZE, SEED = 2, 8, 32, 0
 
@@ -36,7 +36,7 @@ def checkpoint_loss(checkpoint, data, binary_weights):
     model = reactnet(NUM_CLASSES, binary_weights=binary_weights)
     load_checkpoint(model, checkpoint)
     model.eval()
-    dataset = open_split(data, "train", val_transform(IMAGE_SIZE))
+    dataset = open_split(data, "train", IMAGE_SIZE, train=False)
     batches, _ = landscape.cache_batches(dataset, BATCHES, BATCH_SIZE, SEED, 0, torch.device("cpu"))
     total, count = 0.0, 0
     with torch.no_grad():

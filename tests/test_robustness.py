@@ -147,7 +147,8 @@ def limit_file_size(limit):
 
 def test_full_disk_while_saving_stops_cleanly(tiny_data, teacher_weights, one_epoch_run):
     before = (one_epoch_run / run_folder.LAST).read_bytes()
-    command = step1_command(tiny_data, teacher_weights, one_epoch_run)
+    # Two epochs of batch 4 continue the one-epoch run of batch 8 on request, so that a write happens.
+    command = step1_command(tiny_data, teacher_weights, one_epoch_run, "--resume_with_changes")
     result = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_file_size(10**7),
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     line = one_error_line(result)
@@ -162,7 +163,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, teacher_
     state["fc.bias"][0] = float("nan")
     torch.save(state, poisoned)
     before = (one_epoch_run / run_folder.LAST).read_bytes()
-    args = train_args(tiny_data, poisoned, one_epoch_run, epochs=2)
+    args = train_args(tiny_data, poisoned, one_epoch_run, "--resume_with_changes", epochs=2)
     line = one_error_line(run_script("step1/train.py", *args))
     assert "non-finite" in line and "epoch 1 iteration 0" in line
     assert (one_epoch_run / run_folder.LAST).read_bytes() == before

@@ -16,12 +16,18 @@ inference mode, distillation loss, Adam step) on a fixed synthetic batch, for th
 Any ``ours+FLAG+FLAG...`` combination may be named with ``--configs``. The configurations are
 timed in interleaved rounds (the order rotates every round) so that a machine shared with other
 work slows all of them alike; the table reports medians. Memory is measured on extra iterations,
-three ways (tools/bench/memory.py). ``--loader`` adds the images/s of the ImageNet training
-transforms on generated JPEG files for 0, 1 and 2 data-loading workers. On a CPU, freed memory is
-kept for reuse as CPU training keeps it (``utils.runtime.keep_freed_host_memory``);
-``--return_freed_memory`` measures with glibc's defaults instead.
+three ways (tools/bench/memory.py). The compute rows also give the floating-point operations of a
+training image, hence how far each is from the device's arithmetic peak.
 
-    python -m tools.benchmark --image_size 64 --batch_size 32 --loader
+With a folder of generated JPEG files of ImageNet's size (``--loader_images`` of them):
+``--loader`` adds the images/s of the data pipeline's workers alone, per ``--backends`` and per
+``--loader_workers``; ``--end_to_end`` times real training steps of ``--end_to_end_configs`` fed by
+the real loader with each backend, and reports the share of the time spent waiting for data and the
+peak device memory. On a CPU, freed memory is kept for reuse as CPU training keeps it
+(``utils.runtime.keep_freed_host_memory``); ``--return_freed_memory`` measures with glibc's
+defaults instead.
+
+    python -m tools.benchmark --image_size 64 --batch_size 32 --loader --end_to_end
     python -m tools.benchmark --device cuda --image_size 224 --batch_size 256
 
 On a CPU shared with other work, set OMP_WAIT_POLICY=PASSIVE (or pass --threads 1): by default
@@ -33,6 +39,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 # Kineto, the profiler behind the CPU memory measurement, prints its start-up chatter on stderr
 # unless told otherwise before torch loads.
@@ -44,8 +51,11 @@ from tools.bench import memory  # noqa: E402
 from tools.bench.compute import benchmark_training  # noqa: E402
 from tools.bench.loader import benchmark_loader  # noqa: E402
 from tools.bench.report import device_name, render  # noqa: E402
+from tools.bench.jpeg_folder import write_jpeg_folder  # noqa: E402
 from tools.bench.variants import FLAGS, SPEED_FLAGS, parse_variant  # noqa: E402
-from utils.cli import OneLineErrorParser, require_at_least, require_image_size, resolve_device  # noqa: E402
+from utils.data import BACKENDS  # noqa: E402
+from utils.cli import (OneLineErrorParser, require_at_least, require_image_size,  # noqa: E402
+                       resolve_device, resolve_workers)
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.runtime import keep_freed_host_memory  # noqa: E402
 
@@ -82,10 +92,23 @@ def build_parser():
                         help="torch.set_num_threads before measuring; torch's default if not given")
     parser.add_argument("--seed", type=int, default=0, help="seeds the models, the batch and the files")
     parser.add_argument("--loader", action="store_true",
-                        help="also measure the data loader for 0, 1 and 2 workers")
-    parser.add_argument("--loader_images", type=int, default=256, help="JPEG files the loader reads")
+                        help="also measure the data loader's workers alone")
+    parser.add_argument("--loader_images", type=int, default=256,
+                        help="JPEG files generated for --loader and --end_to_end")
     parser.add_argument("--loader_image_size", type=int, default=224,
                         help="RandomResizedCrop size of the loader benchmark")
+    parser.add_argument("--loader_workers", type=int, nargs="+", default=[0, 1, 2],
+                        help="worker counts of the loader benchmark")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="data backends of --loader and --end_to_end")
+    parser.add_argument("--end_to_end", action="store_true",
+                        help="also time training steps fed by the real loader from the JPEG files")
+    parser.add_argument("--end_to_end_configs", nargs="+", default=["ours", "fastest"],
+                        help="configurations trained end to end")
+    parser.add_argument("--end_to_end_workers", type=int, default=None,
+                        help="loader workers of --end_to_end (default: as training chooses them)")
+    parser.add_argument("--end_to_end_iterations", type=int, default=10,
+                        help="timed iterations per end-to-end row (after --warmup untimed ones)")
     parser.add_argument("--out", default=None,
                         help="also write the report to this file: JSON if it ends in .json, else markdown")
     return parser
@@ -95,10 +118,12 @@ def build_parser():
 def main(argv=None):
     """Runs the benchmark, prints the markdown report and returns it as a dict."""
     args = build_parser().parse_args(argv)
-    require_at_least(1, {f"--{name}": getattr(args, name)
-                         for name in ("steps", "warmup", "repeats", "batch_size", "loader_images")})
+    require_at_least(1, {f"--{name}": getattr(args, name) for name in (
+        "steps", "warmup", "repeats", "batch_size", "loader_images", "end_to_end_iterations")})
+    require_at_least(0, {"--loader_workers": min(args.loader_workers)})
     require_image_size(args.image_size)
-    for name in args.configs:
+    args.end_to_end_workers = resolve_workers(args.end_to_end_workers)
+    for name in args.configs + args.end_to_end_configs:
         if name != "fastest":
             try:
                 parse_variant(name)
@@ -115,8 +140,12 @@ def main(argv=None):
         print(message, file=sys.stderr, flush=True)
 
     load_before = os.getloadavg()
-    training = benchmark_training(args, device, log)
-    loader = benchmark_loader(args, log) if args.loader else []
+    with tempfile.TemporaryDirectory() as folder:
+        if args.loader or args.end_to_end:
+            log(f"writing {args.loader_images} JPEG files")
+            write_jpeg_folder(os.path.join(folder, "train"), args.loader_images, args.seed)
+        training, fed = benchmark_training(args, device, log, folder if args.end_to_end else None)
+        loader = benchmark_loader(folder, args, log) if args.loader else []
     report = {
         "device_type": device.type,
         "machine": {"device": device_name(device), "torch": torch.__version__,
@@ -126,9 +155,11 @@ def main(argv=None):
                     "load_before": load_before,
                     "load_after": os.getloadavg(), **{k: getattr(args, k) for k in (
                         "image_size", "batch_size", "num_classes", "teacher", "warmup", "repeats",
-                        "steps", "loader_images", "loader_image_size")}},
+                        "steps", "loader_images", "loader_image_size", "end_to_end_workers",
+                        "end_to_end_iterations")}},
         "memory_notes": memory.NOTES,
         "training": training,
+        "end_to_end": fed,
         "loader": loader,
     }
     text = render(report)

@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 from models.checkpoint import model_from_checkpoint  # noqa: E402
 from utils.cli import (OneLineErrorParser, add_device_flag, add_workers_flag,  # noqa: E402
                        require_image_size, require_positive, resolve_device, resolve_workers)
-from utils.data import SeededSampler, make_loader, open_split, val_transform  # noqa: E402
+from utils.data import SeededSampler, make_loader, open_split  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 
 
@@ -118,10 +118,11 @@ def cache_batches(dataset, batches, batch_size, seed, workers, device):
     loader = make_loader(dataset, SeededSampler(len(dataset), seed, shuffle=True), batch_size, workers,
                          device.type == "cuda")
     cached, skipped = [], 0
-    for images, targets, unreadable in itertools.islice(loader, batches):
-        skipped += len(unreadable)
+    for batch in itertools.islice(loader, batches):
+        images = batch.to_device(device)
+        skipped += len(batch.unreadable)
         if images is not None:
-            cached.append((images.to(device), targets.to(device)))
+            cached.append((images, batch.target.to(device)))
     if not cached:
         raise UserError("none of the selected training images could be read")
     return cached, skipped
@@ -214,7 +215,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     model, step = model_from_checkpoint(args.checkpoint, args.step)
     model.to(device).eval()
-    dataset = open_split(args.data, "train", val_transform(args.image_size),
+    dataset = open_split(args.data, "train", args.image_size, train=False,
                          num_classes=model.fc.out_features)
     make_out_dir(args.out)
     workers = resolve_workers(args.workers)

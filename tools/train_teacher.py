@@ -18,7 +18,7 @@ import torchvision
 
 from utils.cli import (OneLineErrorParser, add_device_flag, add_workers_flag, require_at_least,
                        require_image_size, require_positive, resolve_device, resolve_workers)
-from utils.data import SeededSampler, make_loader, open_split, train_transform, val_transform
+from utils.data import SeededSampler, make_loader, open_split
 from utils.errors import UserError, report_user_errors
 from utils.evaluation import MAX_UNREADABLE_SHARE, check_unreadable, evaluate
 from utils.runtime import seed_everything
@@ -69,11 +69,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, device):
     """One pass of cross-entropy training; returns the mean loss and acc@1 (in %)."""
     model.train()
     loss_sum, correct, count = 0.0, 0, 0
-    for images, target, unreadable in loader:
-        check_unreadable(unreadable, 0 if images is None else len(images), MAX_UNREADABLE_SHARE, log)
+    for batch in loader:
+        images = batch.to_device(device)
+        check_unreadable(batch.unreadable, len(batch), MAX_UNREADABLE_SHARE, log)
         if images is None:
             continue
-        images, target = images.to(device), target.to(device)
+        target = batch.target.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
@@ -93,8 +94,8 @@ def main(argv=None):
     device = resolve_device(args.device)
     seed_everything(args.seed)
 
-    train_set = open_split(args.data, "train", train_transform(args.image_size))
-    val_set = open_split(args.data, "val", val_transform(args.image_size),
+    train_set = open_split(args.data, "train", args.image_size)
+    val_set = open_split(args.data, "val", args.image_size,
                          class_to_idx=train_set.class_to_idx)
     workers = resolve_workers(args.workers)
     pin = device.type == "cuda"

@@ -5,9 +5,10 @@ import torch
 import torch.nn as nn
 
 from . import distributed
+from .data import on_device
 from .errors import UserError
 from .meters import AverageMeter, ProgressMeter, topk_correct
-from .runtime import autocast, to_device
+from .runtime import autocast
 
 
 # Unreadable images are skipped; a batch with more than this share of them stops the run.
@@ -31,12 +32,12 @@ def evaluate(model, loader, device, amp="none", channels_last=False, log=print, 
               AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")]
     progress = ProgressMeter(len(loader), meters, prefix="Test: ")
     end = time.time()
-    for i, (images, target, unreadable) in enumerate(loader):
-        check_unreadable(unreadable, 0 if images is None else len(images), max_unreadable_share, log)
-        sums[4] += len(unreadable)
+    for i, (batch, images) in enumerate(on_device(loader, device, channels_last)):
+        check_unreadable(batch.unreadable, len(batch), max_unreadable_share, log)
+        sums[4] += len(batch.unreadable)
         if images is None:
             continue
-        images, target = to_device(images, device, channels_last), target.to(device, non_blocking=True)
+        target = batch.target.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(images)
         loss = nn.functional.cross_entropy(logits.float(), target, reduction="sum")

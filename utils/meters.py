@@ -43,5 +43,5 @@ class ProgressMeter:
 def topk_correct(logits, target, ks=(1, 5)):
     """Number of samples whose target is among the top-k logits, for each k (k capped at classes)."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    larger = (logits > logits.gather(1, target[:, None])).sum(1)
-    return [(larger < k).sum() for k in ks]
+    hits = top == target[:, None]
+    return [hits[:, :min(k, logits.shape[1])].any(dim=1).sum() for k in ks]

@@ -19,14 +19,19 @@ def configure_device(device, deterministic=False):
     the same bits every run (and PyTorch refuses operations that have none); on a CPU, freed
     memory is kept for reuse. CPU kernels are deterministic already."""
     if device.type == "cuda":
-        if deterministic:
-            # cuBLAS reads this when it creates its handle, at the first matrix product.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = deterministic
-        torch.backends.cudnn.benchmark = not deterministic
+        set_deterministic(deterministic)
     else:
         keep_freed_host_memory()
+
+
+def set_deterministic(deterministic):
+    """Deterministic GPU kernels (no cuDNN autotuning) if ``deterministic``, else the fastest."""
+    if deterministic:
+        # cuBLAS reads this when it creates its handle, at the first matrix product.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 # glibc mallopt options and the values set by keep_freed_host_memory.

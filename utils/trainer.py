@@ -20,14 +20,14 @@ from models.checkpoint import load_weights, read_checkpoint
 
 from . import distributed, recipe, run_folder
 from .cli import resolve_workers
-from .data import SeededSampler, make_loader, open_split, train_transform, val_transform
+from .data import SeededSampler, make_loader, on_device, open_split
 from .distill import build_teacher
 from .errors import UserError, report_user_errors
 from .evaluation import check_unreadable, evaluate
 from .meters import AverageMeter, ProgressMeter
 from .monitor import MetricsLog, PaperMetrics
 from .optim import build_optimizer, build_scheduler
-from .runtime import configure_device, seed_everything, to_device
+from .runtime import configure_device, seed_everything
 from .signals import StopSignals, Stopped
 from .training_flags import build_parser, fill_defaults, step1_checkpoint, validate
 from .training_step import NonFiniteLoss, TrainingStep
@@ -54,8 +54,8 @@ class TrainingData:
 
     def __init__(self, args, ctx):
         workers = resolve_workers(args.workers, ctx.local_world_size)
-        self.train_set = open_split(args.data, "train", train_transform(args.image_size))
-        self.val_set = open_split(args.data, "val", val_transform(args.image_size),
+        self.train_set = open_split(args.data, "train", args.image_size, args.data_backend)
+        self.val_set = open_split(args.data, "val", args.image_size, args.data_backend,
                                   class_to_idx=self.train_set.class_to_idx)
         self.num_classes = len(self.train_set.classes)
         self.train_sampler = SeededSampler(len(self.train_set), args.seed, True, ctx.rank, ctx.world_size)
@@ -101,6 +101,8 @@ class Trainer:
         self.teacher = self.build_teacher().to(self.device)
         if args.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
+        if args.compile:
+            self.teacher = torch.compile(self.teacher, backend=args.compile)
         self.restore_or_initialise()
 
         # The paper's measurements read the weights, which are the same on every rank.
@@ -292,14 +294,12 @@ class Trainer:
             self.metrics.start_epoch()
         # Hooks inside a compiled model would force recompilation, so saturation is sampled eagerly only.
         sample_saturation = self.metrics and not args.compile
-        for images, target, unreadable in stop.guard(loader):
+        for batch, images in stop.guard(on_device(loader, self.device, args.channels_last)):
             i = self.iteration
             data_time.update(time.time() - end)
-            check_unreadable(unreadable, 0 if images is None else len(images),
-                             args.max_unreadable_share, self.log)
-            self.unreadable_count += len(unreadable)
-            images = to_device(images, self.device, args.channels_last)
-            target = target.to(self.device, non_blocking=True)
+            check_unreadable(batch.unreadable, len(batch), args.max_unreadable_share, self.log)
+            self.unreadable_count += len(batch.unreadable)
+            target = batch.target.to(self.device, non_blocking=True)
             try:
                 with self.metrics.sample_saturation() if sample_saturation else contextlib.nullcontext():
                     result = self.training_step(images, target, stop.requested)

@@ -8,6 +8,7 @@ import os
 from . import recipe
 from .cli import (OneLineErrorParser, add_device_flag, add_unreadable_flag, add_workers_flag,
                   require_at_least, require_image_size, require_positive, require_share)
+from .data import BACKENDS
 from .errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +46,9 @@ def build_parser(step):
     parser.add_argument("--teacher_weights", default=None,
                         help="state_dict file of the teacher (default: torchvision's ImageNet weights)")
     add_workers_flag(parser)
+    parser.add_argument("--data_backend", choices=BACKENDS, default="pil",
+                        help="where images are decoded and resized: pil (in the loader's workers, the "
+                             "published pixels) or gpu (JPEGs decoded on the device; see the README)")
     parser.add_argument("--image_size", type=int, default=224,
                         help="training crop; validation resizes to round(size/0.875) then centre-crops")
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
@@ -59,7 +63,7 @@ def build_parser(step):
                         help="autocast precision (default none: the published fp32 numerics)")
     parser.add_argument("--channels_last", action="store_true", help="NHWC memory format")
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                        help="torch.compile the student (backend default: inductor)")
+                        help="torch.compile the student and the teacher (backend default: inductor)")
     parser.add_argument("--fused_optimizer", action="store_true",
                         help="PyTorch's fused Adam kernel (faster; rounds slightly differently)")
     parser.add_argument("--resume_with_changes", action="store_true",

@@ -9,13 +9,16 @@ import torch
 import torchvision
 
 from models import reactnet
+from models.ops import trace_layers
 from models.published import use_published_binarizers
+from models.reactnet import GlobalMeanPool
 from utils import recipe
 from utils.monitor import PaperMetrics
 from utils.optim import build_optimizer
-from utils.runtime import to_device
+from utils.runtime import set_deterministic, to_device
 from utils.training_step import TrainingStep
 
+from .end_to_end import benchmark_end_to_end
 from .memory import allocated_peak, resident_growth, synchronize
 from .variants import Variant, parse_variant
 
@@ -39,7 +42,9 @@ class TrainingRun:
             use_published_binarizers(self.student)
         if variant.channels_last:
             self.student.to(memory_format=torch.channels_last)
-        self.teacher = teachers[variant.channels_last]
+        if variant.deterministic and device.type == "cuda":
+            self.student.pool1 = GlobalMeanPool()  # as --deterministic trains
+        self.teacher = teachers[variant.channels_last, variant.compile]
         self.images = to_device(images, device, variant.channels_last)
         self.optimizer = build_optimizer(self.student, recipe.LEARNING_RATES["adam"], weight_decay,
                                          variant.fused_adam)
@@ -52,7 +57,17 @@ class TrainingRun:
 
     def iteration(self):
         """One training iteration; returns the loss."""
-        return self.training_step(self.images, self.target).loss
+        return self.step(self.images, self.target).loss
+
+    def step(self, images, target):
+        """The training step on a batch, under this variant's kernel settings."""
+        if self.device.type != "cuda":
+            return self.training_step(images, target)
+        set_deterministic(self.variant.deterministic)
+        try:
+            return self.training_step(images, target)
+        finally:
+            set_deterministic(False)
 
     def time(self, iterations):
         """Images per second of ``iterations`` iterations: {"wall": by the clock, "cpu": by the
@@ -105,8 +120,11 @@ class RecipeStepBenchmark:
         self.student = reactnet(args.num_classes, binary_weights=step == 2).to(device)
         teacher = torchvision.models.get_model(args.teacher, weights=None, num_classes=args.num_classes)
         teacher = teacher.to(device).eval().requires_grad_(False)
-        self.teachers = {False: teacher,
-                         True: copy.deepcopy(teacher).to(memory_format=torch.channels_last)}
+        nhwc = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
+        # Keyed by (channels_last, compile): --compile compiles the teacher too.
+        self.teachers = {(False, False): teacher, (True, False): nhwc,
+                         (False, True): torch.compile(teacher), (True, True): torch.compile(nhwc)}
+        self.flops_per_image = training_flops_per_image(self.student, teacher, args.image_size)
         self.images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
         self.target = torch.randint(args.num_classes, (args.batch_size,), device=device)
         self.runs, self.failures, self.probe, self.fastest = {}, {}, {}, None
@@ -195,9 +213,11 @@ class RecipeStepBenchmark:
         return row
 
 
-def add_ratios(rows):
-    """Adds throughput and memory ratios against the baseline row of the same step."""
-    baselines = {row["step"]: row for row in rows if row["config"] == "baseline" and "images_per_s" in row}
+def add_ratios(rows, baselines=None):
+    """Adds throughput and memory ratios against the baseline row of the same step in
+    ``baselines`` (by default ``rows`` themselves)."""
+    baselines = {row["step"]: row for row in (rows if baselines is None else baselines)
+                 if row["config"] == "baseline" and "images_per_s" in row}
     for row in rows:
         base = baselines.get(row["step"])
         for key, ratio in [("images_per_s", "speedup"), ("images_per_cpu_s", "cpu_speedup"),
@@ -206,21 +226,45 @@ def add_ratios(rows):
                 row[ratio] = row[key] / base[key]
 
 
-def benchmark_training(args, device, log):
-    """Result rows of every requested configuration for every requested AdamBNN step."""
-    rows = []
+def training_flops_per_image(student, teacher, image_size):
+    """Floating-point operations of one training image: 2 per multiply-accumulate of the student's
+    convolutions and fc, three times (forward, input gradient, weight gradient), and of the
+    teacher's forward. Binary convolutions count at full price, since training runs them as float
+    convolutions of +-1 values; elementwise layers are not counted."""
+    def macs(model):
+        return sum(row["macs"] for row in trace_layers(model, image_size))
+    return 2 * (3 * macs(student) + macs(teacher))
+
+
+def resolve(bench, names):
+    """The Variants of ``names`` for ``bench``, each built and warmed up once; ``fastest`` probes."""
+    variants = []
+    for name in names:
+        variant = bench.choose_fastest() if name == "fastest" else parse_variant(name)
+        bench.add(variant)
+        if variant not in variants:
+            variants.append(variant)
+    return variants
+
+
+def benchmark_training(args, device, log, folder=None):
+    """Rows of every requested configuration for every requested AdamBNN step, on a synthetic
+    batch; with a JPEG ``folder``, also the rows of training fed by the loader from it.
+
+    Returns:
+        (compute-only rows, fed rows).
+    """
+    rows, fed = [], []
     for step in sorted(set(args.recipe_steps)):
         bench = RecipeStepBenchmark(args, step, device, log)
-        variants = []
-        for name in args.configs:
-            variant = bench.choose_fastest() if name == "fastest" else parse_variant(name)
-            bench.add(variant)
-            if variant not in variants:
-                variants.append(variant)
-        rows += bench.measure(variants)
+        rows += [dict(row, flops_per_image=bench.flops_per_image)
+                 for row in bench.measure(resolve(bench, args.configs))]
+        if folder is not None:
+            fed += benchmark_end_to_end(bench, resolve(bench, args.end_to_end_configs), folder, args, log)
         # Free this step's students and compiled graphs before building the next step's.
         del bench
         gc.collect()
         torch._dynamo.reset()
     add_ratios(rows)
-    return rows
+    add_ratios(fed, baselines=rows)
+    return rows, fed

@@ -1,38 +1,33 @@
-"""Images/s of the training data pipeline alone, for several worker counts."""
+"""Images/s of the data pipeline's workers alone, for each backend and worker count."""
 import statistics
-import tempfile
-import time
 
-from utils.data import SeededImageFolder, SeededSampler, make_loader, train_transform
-
-from .jpeg_folder import write_jpeg_folder
-
-LOADER_WORKERS = (0, 1, 2)
+from utils.data import SeededSampler, images_per_second, make_loader, open_split
 
 
-def benchmark_loader(args, log):
-    """Images/s of the training data pipeline for each worker count, in interleaved rounds."""
-    with tempfile.TemporaryDirectory() as root:
-        log(f"loader: writing {args.loader_images} JPEG files")
-        write_jpeg_folder(root, args.loader_images, args.seed)
-        dataset = SeededImageFolder(root, transform=train_transform(args.loader_image_size))
-        loaders = {}
-        for workers in LOADER_WORKERS:
-            sampler = SeededSampler(len(dataset), args.seed, shuffle=True)
-            loaders[workers] = make_loader(dataset, sampler, args.batch_size, workers, pin_memory=False)
-        rates = {workers: [] for workers in LOADER_WORKERS}
-        # Epoch 0 starts the persistent workers and warms the file cache; it is not timed.
-        for epoch in range(args.repeats + 1):
-            log(f"loader: epoch {epoch} ({'warm-up' if epoch == 0 else 'timed'})")
-            shift = epoch % len(LOADER_WORKERS)
-            for workers in LOADER_WORKERS[shift:] + LOADER_WORKERS[:shift]:
-                loader = loaders[workers]
-                loader.sampler.set_epoch(epoch)
-                started = time.perf_counter()
-                count = sum(len(target) for _, target, _ in loader)
-                if epoch:
-                    rates[workers].append(count / (time.perf_counter() - started))
-        del loaders  # stops the workers while the folder still exists
-    return [{"workers": workers, "images_per_s": statistics.median(rates[workers]),
-             "images_per_s_per_worker": statistics.median(rates[workers]) / max(workers, 1),
-             "images_per_s_rounds": rates[workers]} for workers in LOADER_WORKERS]
+def benchmark_loader(folder, args, log):
+    """Loader-only rows over ``folder/train``, timed in interleaved rounds (one epoch each).
+
+    The workers' output is not sent to a device: ``pil`` rows time decoding, cropping and
+    flipping; ``gpu`` rows time what that backend leaves to the CPU (reading the file, its header
+    and drawing the augmentation).
+    """
+    loaders = {}
+    for backend in args.backends:
+        dataset = open_split(folder, "train", args.loader_image_size, backend)
+        for workers in args.loader_workers:
+            loaders[backend, workers] = make_loader(dataset, SeededSampler(len(dataset), args.seed),
+                                                    args.batch_size, workers, pin_memory=False)
+    order = list(loaders)
+    rates = {key: [] for key in order}
+    # Epoch 0 starts the persistent workers and warms the file cache; it is not timed.
+    for epoch in range(args.repeats + 1):
+        log(f"loader: epoch {epoch} ({'warm-up' if epoch == 0 else 'timed'})")
+        shift = epoch % len(order)
+        for key in order[shift:] + order[:shift]:
+            rate = images_per_second(loaders[key], epoch)
+            if epoch:
+                rates[key].append(rate)
+    del loaders  # stops the workers while the folder still exists
+    return [{"backend": backend, "workers": workers, "images_per_s": statistics.median(rates[backend, workers]),
+             "images_per_s_per_worker": statistics.median(rates[backend, workers]) / max(workers, 1),
+             "images_per_s_rounds": rates[backend, workers]} for backend, workers in order]

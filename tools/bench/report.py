@@ -54,9 +54,13 @@ def render(report):
                   "cores: CPU seconds per second (the thread count if nothing else ran)",
                   f"- fastest: ours with every flag that beat ours alone in a probe pass; * = "
                   f"slower than 1/{SLOW_FACTOR} of ours in the probe, so timed in the probe only",
+                  f"- arithmetic: {report['training'][0]['flops_per_image'] / 1e9:.1f} GFLOP per "
+                  f"training image of step {report['training'][0]['step']} (2 per multiply-accumulate "
+                  f"of the student's convolutions and fc, forward and both gradients, and of the "
+                  f"teacher's forward); TFLOP/s = images/s times that",
                   "", "| config | step | images/s | x baseline | per CPU-s | x baseline | cores | "
-                      "peak MiB | x baseline | saved MiB | x baseline | RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "peak MiB | x baseline | saved MiB | x baseline | RSS MiB | TFLOP/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in report["training"]:
             name = f"fastest = {row['config']}" if row["fastest"] else row["config"]
             if row["skipped"]:
@@ -71,15 +75,27 @@ def render(report):
                 f"{row['cores']:.2f} | "
                 f"{_mib(row['peak_bytes'])} | {_ratio(row.get('peak_ratio'))} | "
                 f"{_mib(row['saved_bytes'])} | {_ratio(row.get('saved_ratio'))} | "
-                f"{_mib(row['rss_bytes'])} |")
+                f"{_mib(row['rss_bytes'])} | {row['images_per_s'] * row['flops_per_image'] / 1e12:.3g} |")
+    if report["end_to_end"]:
+        lines += ["", f"End to end: training steps fed by the real loader ({meta['end_to_end_workers']} "
+                      f"workers) from {meta['loader_images']} generated JPEG files of ImageNet's size, "
+                      f"{meta['end_to_end_iterations']} timed iterations; data wait = share of the wall "
+                      f"time spent waiting for the next batch (the gpu backend's decoding runs in "
+                      f"the step); x baseline = against the compute-only baseline row",
+                  "", "| config | step | backend | images/s | x baseline | data wait | peak MiB |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in report["end_to_end"]:
+            lines.append(f"| {row['config']} | {row['step']} | {row['backend']} | "
+                         f"{row['images_per_s']:.1f} | {_ratio(row.get('speedup'))} | "
+                         f"{100 * row['data_wait_share']:.1f}% | {_mib(row['peak_bytes'])} |")
     if report["loader"]:
-        lines += ["", f"Data loading: ImageNet training transforms (RandomResizedCrop "
-                      f"{meta['loader_image_size']}, lighting, flip, ToTensor, normalize) on "
-                      f"{meta['loader_images']} generated JPEG files, batch {meta['batch_size']}",
-                  "", "| workers | images/s | images/s per worker |", "|---|---|---|"]
+        lines += ["", f"Data loading alone: the workers' share of the pipeline (pil: decode, "
+                      f"RandomResizedCrop {meta['loader_image_size']}, flip; gpu: file bytes, header "
+                      f"and the drawn augmentation) on {meta['loader_images']} generated JPEG files, "
+                      f"batch {meta['batch_size']}; lighting and normalisation run on the device",
+                  "", "| backend | workers | images/s | images/s per worker |", "|---|---|---|---|"]
         for row in report["loader"]:
-            lines.append(f"| {row['workers']} | {row['images_per_s']:.1f} | "
+            lines.append(f"| {row['backend']} | {row['workers']} | {row['images_per_s']:.1f} | "
                          f"{row['images_per_s_per_worker']:.1f} |")
-    lines += ["", "On an H100, the 224x224 batch-256 row: python -m tools.benchmark --device cuda "
-                  "--image_size 224 --batch_size 256 --teacher resnet34"]
+    lines += ["", "Every GPU figure of the README, on a GPU machine: bash tools/measure_gpu.sh"]
     return "\n".join(lines)

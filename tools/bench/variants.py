@@ -3,8 +3,9 @@
 import dataclasses
 
 SPEED_FLAGS = ("bf16", "channels_last", "fused_adam", "compile")
-# Not a speed flag: the paper's per-iteration flip-flop bookkeeping, on in training by default.
-FLAGS = (*SPEED_FLAGS, "metrics")
+# Not speed flags: the paper's per-iteration flip-flop bookkeeping, on in training by default, and
+# --deterministic, whose cost is measured.
+FLAGS = (*SPEED_FLAGS, "metrics", "deterministic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Variant:
     fused_adam: bool = False
     compile: bool = False
     metrics: bool = False
+    deterministic: bool = False
 
     @property
     def name(self):

@@ -1,0 +1,339 @@
+"""The data pipeline's backends against the published transforms, and each other."""
+import io
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from utils import pipeline
+from utils.augment import lighten
+from utils.augment import IMAGENET_MEAN, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, IMAGENET_STD
+from utils.data import READ_ERRORS, SeededSampler, images_per_second, make_loader, on_device, open_split
+
+IMAGE_SIZE = 60  # validation resizes to round(60 / 0.875) = 69, where truncation would give 68
+BATCH_SIZE = 5
+CPU = torch.device("cpu")
+# The files the device cannot decode; the PIL path decodes them in the worker.
+CPU_DECODED = {"cmyk.JPEG", "png_named.JPEG"}
+UNREADABLE = {"not_an_image.JPEG", "truncated.JPEG", "damaged.JPEG"}
+# Bounds on |gpu - pil| in grey levels over the uint8 images the device decodes. Measured on the
+# CPU, where libjpeg-turbo decodes for both, so only the resize differs: mean 0.153 (train) and
+# 0.157 (val), max 1.
+MEAN_GREY_DIFFERENCE = 0.18
+MAX_GREY_DIFFERENCE = 1
+
+
+def photo(rng, width, height):
+    """Smooth colour fields with a little grain: compresses and resizes like a photograph."""
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    pixels = np.asarray(coarse.resize((width, height), Image.BILINEAR), dtype=np.float32)
+    pixels += rng.normal(0, 8, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def encoded(image, format="JPEG", **options):
+    buffer = io.BytesIO()
+    image.save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+def sample_files(rng):
+    """File name -> bytes: JPEGs of several kinds and odd sizes, and files the device cannot take."""
+    jpeg = encoded(photo(rng, 157, 203), quality=90)
+    middle = len(jpeg) // 2
+    return {
+        "plain.JPEG": encoded(photo(rng, 333, 251), quality=90),
+        "odd_size.JPEG": jpeg,
+        "small.JPEG": encoded(photo(rng, 65, 49), quality=75),
+        "wide.JPEG": encoded(photo(rng, 301, 97), quality=90),
+        "grey.JPEG": encoded(photo(rng, 121, 93).convert("L"), quality=90),
+        "progressive.JPEG": encoded(photo(rng, 150, 111), quality=90, progressive=True),
+        "full_chroma.JPEG": encoded(photo(rng, 99, 131), quality=90, subsampling=0),
+        "cmyk.JPEG": encoded(photo(rng, 77, 101).convert("CMYK"), quality=90),
+        "png_named.JPEG": encoded(photo(rng, 91, 67), "PNG"),
+        "not_an_image.JPEG": b"this is not an image\n" * 20,
+        "truncated.JPEG": jpeg[:middle],
+        # A bogus marker in the middle of the compressed data; the file still ends properly.
+        "damaged.JPEG": jpeg[:middle] + b"\xff\xc4\x00\x00" + jpeg[middle:],
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """train/ and val/ with the same 24 files in 2 classes."""
+    root = tmp_path_factory.mktemp("pipeline_data")
+    files = sample_files(np.random.default_rng(0))
+    for split in ("train", "val"):
+        for k in range(2):
+            folder = root / split / f"class_{k}"
+            os.makedirs(folder)
+            for name, content in files.items():
+                (folder / name).write_bytes(content)
+    return str(root)
+
+
+def published_lighting(pixels, shift):
+    """The published PCA lighting: a float64 shift on the uint8 (H, W, 3) pixels, clipped, truncated."""
+    return np.clip(pixels + shift, 0, 255).astype(np.uint8)
+
+
+class PublishedLighting:
+    def __call__(self, image):
+        alpha = (torch.randn(3, dtype=torch.float64) * 0.1).float().numpy()
+        shift = IMAGENET_PCA_EIGVEC @ (alpha * IMAGENET_PCA_EIGVAL)
+        return Image.fromarray(published_lighting(np.asarray(image), shift), "RGB")
+
+
+def published_transform(train):
+    if train:
+        steps = [transforms.RandomResizedCrop(IMAGE_SIZE, scale=(0.08, 1.0)), PublishedLighting(),
+                 transforms.RandomHorizontalFlip()]
+    else:
+        steps = [transforms.Resize(round(IMAGE_SIZE / 0.875)), transforms.CenterCrop(IMAGE_SIZE)]
+    return transforms.Compose(steps + [transforms.ToTensor(),
+                                       transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def published_batches(dataset, sampler, train):
+    """What the published pipeline made of the sampler's items: (images, targets, unreadable names)."""
+    transform = published_transform(train)
+    items = list(sampler)
+    for start in range(0, len(items), BATCH_SIZE):
+        images, targets, unreadable = [], [], []
+        for index, seed in items[start:start + BATCH_SIZE]:
+            path, target = dataset.samples[index]
+            try:
+                with Image.open(path) as file:
+                    image = file.convert("RGB")
+            except READ_ERRORS:
+                unreadable.append(os.path.basename(path))
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                images.append(transform(image))
+            targets.append(target)
+        yield torch.stack(images), torch.tensor(targets), sorted(unreadable)
+
+
+def loader_for(data, split, backend, seed=0, workers=0, train=None):
+    dataset = open_split(data, split, IMAGE_SIZE, backend, train=train)
+    sampler = SeededSampler(len(dataset), seed, shuffle=True)
+    return make_loader(dataset, sampler, BATCH_SIZE, workers, pin_memory=False)
+
+
+def finished(loader):
+    """The loader's batches: (images, targets, unreadable names, batch)."""
+    for batch in loader:
+        images = batch.to_device(CPU)
+        yield images, batch.target, sorted(os.path.basename(u.path) for u in batch.unreadable), batch
+
+
+def decoded_pairs(data, split):
+    """The uint8 images of each batch under both backends, before lighting: (pil, gpu, gpu batch)."""
+    for pil_batch, gpu_batch in zip(*[loader_for(data, split, backend) for backend in ("pil", "gpu")]):
+        yield pil_batch.decode(CPU), gpu_batch.decode(CPU), gpu_batch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_pil_backend_gives_the_published_batches_bit_for_bit(data, split, workers):
+    for seed in (0, 7):
+        loader = loader_for(data, split, "pil", seed, workers)
+        for epoch in (0, 3):
+            loader.sampler.set_epoch(epoch)
+            expected = published_batches(loader.dataset, loader.sampler, split == "train")
+            for (images, target, unreadable, _), (want, want_target, want_unreadable) in zip(
+                    finished(loader), expected, strict=True):
+                assert unreadable == want_unreadable
+                assert torch.equal(target, want_target)
+                assert torch.equal(images, want)
+
+
+def test_gpu_backend_draws_the_pil_backends_augmentation(data):
+    loaders = [loader_for(data, "train", backend) for backend in ("pil", "gpu")]
+    for epoch in (0, 1):
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)
+        for pil_batch, gpu_batch in zip(*map(finished, loaders), strict=True):
+            pil_draws, gpu_draws = pil_batch[3].augmentations, gpu_batch[3].augmentations
+            assert [(a.box, a.flip) for a in gpu_draws] == [(a.box, a.flip) for a in pil_draws]
+            assert np.array_equal([a.shift for a in gpu_draws], [a.shift for a in pil_draws])
+            assert torch.equal(gpu_batch[1], pil_batch[1])
+
+
+def test_lighting_rounds_as_the_published_float64_arithmetic():
+    # Shifts this small are rare at alphastd 0.1, but there float32 would round differently.
+    shifts = np.array([[-1e-9, 1e-9, -1e-17], [-0.3, 0.5, 1e-5], [-3e-5, -1.5e-5, 2.5]])
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    images = torch.from_numpy(pixels).permute(2, 0, 1).expand(len(shifts), 3, 16, 16)
+    lit = lighten(images, torch.from_numpy(shifts))
+    for image, shift in zip(lit, shifts):
+        published = torch.from_numpy(published_lighting(pixels, shift)).float()
+        assert torch.equal(image.permute(1, 2, 0), published)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_gpu_backend_pixels_differ_from_pil_by_at_most_a_grey_level(data, split):
+    differences = []
+    for pil_images, gpu_images, batch in decoded_pairs(data, split):
+        on_device = torch.tensor(batch.on_device)
+        differences.append((gpu_images[on_device].int() - pil_images[on_device].int()).abs().flatten())
+    difference = torch.cat(differences).double()
+    print(f"{split}: |gpu - pil| mean {difference.mean():.4f}, max {difference.max():.0f} grey levels")
+    assert 0 < difference.mean() <= MEAN_GREY_DIFFERENCE
+    assert difference.max() <= MAX_GREY_DIFFERENCE
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_files_the_device_cannot_decode_are_decoded_as_by_the_pil_backend(data, split):
+    seen = set()
+    for pil_images, gpu_images, batch in decoded_pairs(data, split):
+        for k, (path, decoded_on_device) in enumerate(zip(batch.paths, batch.on_device)):
+            name = os.path.basename(path)
+            assert decoded_on_device == (name not in CPU_DECODED), name
+            if not decoded_on_device:
+                seen.add(name)
+                assert torch.equal(gpu_images[k], pil_images[k]), name
+    assert seen == CPU_DECODED
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("backend", ["pil", "gpu"])
+def test_unreadable_files_are_skipped_and_reported(data, backend, workers):
+    loader = loader_for(data, "train", backend, workers=workers)
+    for epoch in range(3):
+        skipped = []
+        loader.sampler.set_epoch(epoch)
+        expected = published_batches(loader.dataset, loader.sampler, train=True)
+        for (images, target, unreadable, batch), (_, want_target, want_unreadable) in zip(
+                finished(loader), expected, strict=True):
+            assert unreadable == want_unreadable
+            assert torch.equal(target, want_target)
+            assert [f"class_{k}" for k in target.tolist()] == [
+                os.path.basename(os.path.dirname(path)) for path in batch.paths]
+            assert len(batch) == len(target) == (0 if images is None else len(images))
+            assert all(item.reason for item in batch.unreadable)
+            again = batch.to_device(CPU)
+            assert len(batch.unreadable) == len(unreadable)
+            assert images is again is None or torch.equal(again, images)
+            skipped += unreadable
+        assert sorted(skipped) == sorted(list(UNREADABLE) * 2)
+
+
+def test_a_file_the_device_fails_on_is_decoded_by_pil(data, monkeypatch):
+    decode_jpeg = pipeline.decode_jpeg
+    with open(os.path.join(data, "val", "class_0", "odd_size.JPEG"), "rb") as file:
+        failing = file.read()
+
+    def device_decoder_failing_on_one_file(jpegs, **options):
+        if any(bytes(jpeg.numpy()) == failing for jpeg in jpegs):
+            raise RuntimeError("unsupported JPEG")
+        return decode_jpeg(jpegs, **options)
+
+    monkeypatch.setattr(pipeline, "decode_jpeg", device_decoder_failing_on_one_file)
+    fell_back = 0
+    for pil_images, gpu_images, batch in decoded_pairs(data, "val"):
+        for k, path in enumerate(batch.paths):
+            if path.endswith("odd_size.JPEG"):
+                assert batch.on_device[k]
+                assert torch.equal(gpu_images[k], pil_images[k])
+                fell_back += 1
+    assert fell_back == 2
+
+
+@pytest.mark.parametrize("backend", ["pil", "gpu"])
+def test_a_resumed_epoch_continues_with_the_same_batches(data, backend):
+    loader = loader_for(data, "train", backend, seed=3)
+    loader.sampler.set_epoch(2)
+    whole = list(finished(loader))
+    loader.sampler.set_epoch(2, start=2 * BATCH_SIZE)
+    resumed = list(finished(loader))
+    assert len(resumed) == len(whole) - 2
+    for (images, target, unreadable, _), (want, want_target, want_unreadable, _) in zip(resumed, whole[2:]):
+        assert unreadable == want_unreadable
+        assert torch.equal(target, want_target)
+        assert torch.equal(images, want)
+
+
+@pytest.mark.parametrize("backend", ["pil", "gpu"])
+def test_the_train_split_can_be_read_with_the_validation_transform(data, backend):
+    loader = loader_for(data, "train", backend, train=False)
+    expected = published_batches(loader.dataset, loader.sampler, train=False)
+    for (images, target, _, batch), (want, want_target, _) in zip(finished(loader), expected, strict=True):
+        assert batch.augmentations == [None] * len(batch)
+        assert torch.equal(target, want_target)
+        if backend == "pil":
+            assert torch.equal(images, want)
+
+
+@pytest.mark.parametrize("backend", ["pil", "gpu"])
+def test_batch_layout_and_a_batch_with_no_readable_image(data, backend):
+    loader = loader_for(data, "train", backend)
+    batch = next(iter(loader))
+    assert batch.to_device(CPU, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+    assert batch.to_device(CPU).is_contiguous()
+    unreadable = [k for k, (path, _) in enumerate(loader.dataset.samples)
+                  if os.path.basename(path) in UNREADABLE]
+    empty = loader.collate_fn([loader.dataset[(k, 0)] for k in unreadable])
+    assert empty.to_device(CPU) is None
+    assert len(empty) == 0 and len(empty.unreadable) == len(unreadable)
+
+
+def test_images_per_second_counts_readable_images(data):
+    loader = loader_for(data, "val", "gpu")
+    assert images_per_second(loader, epoch=0) > 0
+    assert images_per_second(loader, epoch=0, device=CPU) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_cuda_batches_equal_cpu_batches(data, split):
+    cuda = torch.device("cuda")
+    dataset = open_split(data, split, IMAGE_SIZE, "pil")
+    loader = make_loader(dataset, SeededSampler(len(dataset), 0), BATCH_SIZE, 0, pin_memory=True)
+    for batch in filter(len, loader):
+        assert batch.pixels.is_pinned()
+        on_cuda = batch.to_device(cuda, channels_last=True)
+        assert torch.equal(on_cuda.cpu(), batch.to_device(CPU))
+    for pil_batch, gpu_batch in zip(loader_for(data, split, "pil"), loader_for(data, split, "gpu")):
+        pil_images, gpu_images = pil_batch.decode(CPU), gpu_batch.decode(cuda)
+        # nvjpeg decodes the file with a bogus marker that libjpeg refuses; every file PIL reads,
+        # the device reads too.
+        assert set(pil_batch.paths) <= set(gpu_batch.paths)
+        common = [gpu_batch.paths.index(path) for path in pil_batch.paths]
+        if common:
+            assert (gpu_images[common].cpu().int() - pil_images.int()).abs().double().mean() < 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_prepared_ahead_in_a_thread_are_the_same(data, workers):
+    loader = loader_for(data, "train", "gpu", workers=workers)
+    in_order = [(batch.target, images) for batch, images in on_device(loader, CPU, ahead=False)]
+    ahead = [(batch.target, images) for batch, images in on_device(loader, CPU, ahead=True)]
+    assert len(ahead) == len(in_order) > 1
+    for (target, images), (target_ahead, images_ahead) in zip(in_order, ahead):
+        assert torch.equal(target, target_ahead)
+        assert (images is None and images_ahead is None) or torch.equal(images, images_ahead)
+
+
+def test_leaving_an_epoch_early_stops_the_thread_and_the_loader_goes_on(data):
+    loader = loader_for(data, "train", "pil", workers=2)
+    epoch = on_device(loader, CPU, ahead=True)
+    next(epoch)
+    epoch.close()
+    assert not [t for t in threading.enumerate() if t.name == "on_device"]
+    readable = sum(len(batch) for batch, _ in on_device(loader, CPU, ahead=False))
+    assert sum(len(batch) for batch, _ in on_device(loader, CPU, ahead=True)) == readable > 0
+
+
+def test_an_error_while_preparing_ahead_reaches_the_caller(data, monkeypatch):
+    def fail(self, device, channels_last=False):
+        raise RuntimeError("device out of order")
+    monkeypatch.setattr(pipeline.Batch, "to_device", fail)
+    with pytest.raises(RuntimeError, match="device out of order"):
+        list(on_device(loader_for(data, "val", "pil"), CPU, ahead=True))
+    assert not [t for t in threading.enumerate() if t.name == "on_device"]
