@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import NUM_CLASSES, REPO, run_script, train_args, write_image_folder
+from conftest import NUM_CLASSES, REPO, run_script, single_error_line, train_args, write_image_folder
 
 BEST = "model_best.pth.tar"
 
@@ -36,14 +36,6 @@ def logged_val_line(run_folder):
 def succeeded(result):
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def one_error_line(result):
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    return errors[0]
 
 
 def learned_parameters(state_dict):
@@ -142,7 +134,7 @@ def bad_data(tmp_path_factory):
 
 
 def step1_error(data, teacher, save, *extra):
-    return one_error_line(run_script("step1/train.py", *train_args(data, teacher, save, *extra)))
+    return single_error_line(run_script("step1/train.py", *train_args(data, teacher, save, *extra)))
 
 
 def test_missing_data_folder(teacher_weights, tmp_path):
@@ -193,7 +185,7 @@ def test_missing_step1_checkpoint(tiny_data, teacher_weights, tmp_path):
     missing = str(tmp_path / "nowhere" / BEST)
     result = run_script("step2/train.py", *train_args(tiny_data, teacher_weights, str(tmp_path / "run"),
                                                       "--step1_checkpoint", missing))
-    line = one_error_line(result)
+    line = single_error_line(result)
     assert missing in line and "step1/run.sh" in line
 
 
@@ -202,7 +194,7 @@ def test_step2_refuses_to_resume_a_step1_folder(pipeline, tiny_data, teacher_wei
     written = os.stat(last).st_mtime_ns
     result = run_script("step2/train.py", *train_args(tiny_data, teacher_weights, pipeline["step1_dir"],
                                                       "--step1_checkpoint", pipeline["step1_best"]))
-    line = one_error_line(result)
+    line = single_error_line(result)
     assert "step 1" in line and "--save" in line
     assert os.stat(last).st_mtime_ns == written
 
@@ -211,11 +203,11 @@ def test_evaluate_unreadable_checkpoint(pipeline, tiny_data, tmp_path):
     truncated = str(tmp_path / "truncated.pth.tar")
     with open(pipeline["step1_best"], "rb") as source, open(truncated, "wb") as target:
         target.write(source.read(1 << 20))
-    line = one_error_line(run_script("evaluate.py", *evaluate_args(tiny_data, truncated)))
+    line = single_error_line(run_script("evaluate.py", *evaluate_args(tiny_data, truncated)))
     assert truncated in line
 
 
 def test_evaluate_other_architecture(tiny_data, teacher_weights):
-    line = one_error_line(run_script("evaluate.py", *evaluate_args(tiny_data, teacher_weights)))
+    line = single_error_line(run_script("evaluate.py", *evaluate_args(tiny_data, teacher_weights)))
     assert "missing" in line and "feature.0.conv1.weight" in line, line
     assert "unexpected" in line and re.search(r"(?<![\w.])conv1\.weight", line), line

@@ -54,8 +54,8 @@ from tools.bench.report import device_name, render  # noqa: E402
 from tools.bench.jpeg_folder import write_jpeg_folder  # noqa: E402
 from tools.bench.variants import FLAGS, SPEED_FLAGS, parse_variant  # noqa: E402
 from utils.data import BACKENDS  # noqa: E402
-from utils.cli import (OneLineErrorParser, require_at_least, require_image_size,  # noqa: E402
-                       resolve_device, resolve_workers)
+from utils.cli import (OneLineErrorParser, add_device_flag, require_at_least,  # noqa: E402
+                       require_image_size, resolve_device, resolve_workers)
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.runtime import keep_freed_host_memory  # noqa: E402
 
@@ -67,8 +67,7 @@ def build_parser():
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Configurations: baseline, fastest, ours, ours+FLAG[+FLAG...] with FLAG among "
                + ", ".join(FLAGS) + " (metrics: the paper's per-iteration flip-flop bookkeeping).")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="where to run; cuda when available if not given")
+    add_device_flag(parser)
     parser.add_argument("--image_size", type=int, default=64, help="training crop of the synthetic batch")
     parser.add_argument("--batch_size", type=int, default=32, help="images per iteration (and per loader batch)")
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per round")
