@@ -135,7 +135,8 @@ def test_end_to_end_two_step_run_then_skip(tmp_path, capsys, monkeypatch):
     torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), teacher)
     out = tmp_path / "ablation"
     config = by_name("adam_twostep_wd5e-6_0")
-    args = ["--data", data, "--out", str(out), "--epochs", "1", "--batch_size", "8", "--image_size", "32",
+    # 2 epochs per step: epoch 0 of each step updates the weights (at lr / 2), epoch 1 runs at 0.
+    args = ["--data", data, "--out", str(out), "--epochs", "2", "--batch_size", "8", "--image_size", "32",
             "-j", "0", "--teacher", "resnet18", "--teacher_weights", str(teacher), "--only", config.name,
             "--", "--device", "cpu"]
 
@@ -150,8 +151,18 @@ def test_end_to_end_two_step_run_then_skip(tmp_path, capsys, monkeypatch):
     assert printed in report and printed in first
     _, rows = parse_table(printed)
     assert [r["configuration"] for r in rows] == [config.name]
-    assert rows[0]["epochs (final step)"] == "1"
-    assert rows[0]["final C2I"] != "n/a" and rows[0]["saturation (%)"] != "n/a"
+    assert rows[0]["epochs (final step)"] == "2"
+    assert rows[0]["saturation (%)"] != "n/a" and float(rows[0]["mean flip-flop"]) > 0
+    # C2I of step 2: sign agreement of its final binary weights with the step-1 weights it started
+    # from, computed here from the two checkpoint files.
+    start = torch.load(step1_best, weights_only=True)["state_dict"]
+    end = torch.load(out / "runs" / config.name / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+    binary = [k for k in start if ".binary_" in k]
+    assert len(binary) == 13 + 8 + 5 * 2
+    differing = sum((torch.sign(start[k]) != torch.sign(end[k])).sum().item() for k in binary)
+    c2i = 1 - 2 * differing / sum(start[k].numel() for k in binary)
+    assert c2i < 0.9999  # the weights moved: the table cannot show 1.0000
+    assert float(rows[0]["final C2I"]) == pytest.approx(c2i, abs=6e-5)  # printed to 4 decimals
 
     main(args)
     assert capsys.readouterr().out.count("already done") == 2

@@ -4,6 +4,7 @@ Released files: a dict with ``epoch``, ``state_dict``, ``best_top1_acc`` and ``o
 an nn.DataParallel model (every key prefixed ``module.``); ReActNet's release stores binary conv
 weights as ``*.weights`` of shape (out*in*k*k, 1).
 """
+import math
 import os
 import re
 
@@ -16,6 +17,8 @@ from utils.trainer import Trainer
 from utils.training_flags import build_parser, fill_defaults
 
 from conftest import train_args
+from test_model import read_tsv, ref_forward
+
 
 RELEASED_CLASSES = 1000
 
@@ -85,9 +88,68 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def released_model():
-    torch.manual_seed(0)
-    return perturb(reactnet(RELEASED_CLASSES, binary_weights=True), seed=1)
+def released_tensors():
+    """Contents of a released ReActNet-A: a tensor for every entry of the published state_dict
+    (tests/reactnet_a_state_dict.tsv, 1000 classes), drawn here without any model of this
+    repository, with values that move every layer away from the defaults."""
+    g = torch.Generator().manual_seed(1)
+
+    def uniform(shape, low, high):
+        return torch.rand(shape, generator=g) * (high - low) + low
+
+    tensors = {}
+    for name, shape, dtype in read_tsv():
+        if dtype != torch.float32:
+            tensors[name] = torch.tensor(1000, dtype=dtype).reshape(shape)  # num_batches_tracked
+        elif name.endswith("running_var"):
+            tensors[name] = uniform(shape, 0.3, 0.8)
+        elif ".bn" in name and name.endswith(".weight"):
+            tensors[name] = uniform(shape, 0.5, 1.5)
+        elif ".prelu" in name:
+            tensors[name] = uniform(shape, -0.2, 0.6)
+        elif len(shape) == 4 and ".move" not in name:
+            bound = 1 / math.sqrt(math.prod(shape[1:]))
+            tensors[name] = uniform(shape, -bound, bound)
+        elif name == "fc.weight":
+            tensors[name] = uniform(shape, -1 / 32, 1 / 32)
+        else:  # learnable shifts, BatchNorm shifts and means, fc.bias
+            tensors[name] = uniform(shape, -0.2, 0.2)
+    return tensors
+
+
+def reference_logits(path):
+    """Logits of the file's raw tensors through the functional ReActNet-A of test_model.py, in
+    eval mode with binary weights; the file is read here and its keys mapped by hand."""
+    raw = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    shapes = {name: shape for name, shape, _ in read_tsv()}
+    params = {}
+    for key, value in raw.items():
+        name = key.removeprefix("module.")
+        if name.endswith(".weights"):  # ReActNet's flat (out*in*k*k, 1) binary weights
+            name = name[:-1]
+            value = value.reshape(shapes[name])
+        params[name] = value.double()
+    assert params.keys() == shapes.keys()
+    with torch.no_grad():
+        return ref_forward(reference_input(), params, training=False, binary_weights=True)
+
+
+def reference_input():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def loaded_logits(path):
+    """Logits of a step-2 ReActNet-A that models.load_checkpoint filled from ``path``."""
+    model = reactnet(RELEASED_CLASSES, binary_weights=True)
+    checkpoint = load_checkpoint(model, path)
+    with torch.no_grad():
+        return model.double().eval()(reference_input()), checkpoint
+
+
+def assert_same_logits(actual, expected):
+    # The model computes alpha in float32 even for float64 weights; the reference does not.
+    atol = 1e-5 * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -115,21 +177,31 @@ def test_engine_checkpoint_loads_and_reproduces_outputs(engine_run):
     assert torch.equal(outputs(model), outputs(student))
 
 
-def test_adambnn_release_layout_loads(released_model, folder):
-    path = save(published_wrapper(released_model.state_dict()), folder, "adambnn.pth.tar")
-    model = reactnet(RELEASED_CLASSES, binary_weights=True)
-    checkpoint = load_checkpoint(model, path)
-    assert checkpoint["best_top1_acc"] == 70.5
-    assert torch.equal(outputs(model), outputs(released_model))
+def test_adambnn_release_layout_loads(released_tensors, folder):
+    path = save(published_wrapper(released_tensors), folder, "adambnn.pth.tar")
+    logits, checkpoint = loaded_logits(path)
+    assert checkpoint["best_top1_acc"] == 70.5 and checkpoint["epoch"] == 256
+    assert_same_logits(logits, reference_logits(path))
 
 
-def test_reactnet_release_layout_with_flat_weights_loads(released_model, folder):
-    flat = flatten_binary_weights(released_model.state_dict())
+def test_reactnet_release_layout_with_flat_weights_loads(released_tensors, folder):
+    flat = flatten_binary_weights(released_tensors)
     assert "feature.1.binary_3x3.weights" in flat and flat["feature.1.binary_3x3.weights"].shape == (9216, 1)
     path = save(published_wrapper(flat), folder, "reactnet.pth.tar")
-    model = reactnet(RELEASED_CLASSES, binary_weights=True)
-    load_checkpoint(model, path)
-    assert torch.equal(outputs(model), outputs(released_model))
+    logits, _ = loaded_logits(path)
+    assert_same_logits(logits, reference_logits(path))
+
+
+def test_reference_sees_a_wrong_reshape_of_flat_weights(released_tensors, folder):
+    # Guards the guard: the same file with one flat tensor laid out (out, k, k, in) instead.
+    flat = flatten_binary_weights(released_tensors)
+    right = save(published_wrapper(flat), folder, "reactnet_right.pth.tar")
+    key = "feature.5.binary_3x3.weights"
+    flat[key] = released_tensors[key[:-1]].permute(0, 2, 3, 1).reshape(-1, 1)
+    permuted = save(published_wrapper(flat), folder, "reactnet_permuted.pth.tar")
+    logits, _ = loaded_logits(permuted)
+    with pytest.raises(AssertionError):
+        assert_same_logits(logits, reference_logits(right))
 
 
 @pytest.mark.parametrize("prefix", ["", "_orig_mod.", "module._orig_mod."])

@@ -87,6 +87,10 @@ def trained_teacher(tiny_data, tmp_path_factory):
 def test_teacher_weights_load_as_the_distillation_teacher(trained_teacher):
     path, stdout = trained_teacher
     assert "epoch 1/1" in stdout and "val acc@1" in stdout
+    # BatchNorm shifts start at 0 and only gradient updates move them (AdamW's decay of 0 is 0).
+    state = torch.load(path, weights_only=True)["state_dict"]
+    shifts = [v for k, v in state.items() if "bn" in k and k.endswith(".bias")]  # resnet18: bn1, 2 per block
+    assert len(shifts) == 17 and all((v != 0).float().mean() > 0.9 for v in shifts)
     teacher = build_teacher("resnet18", NUM_CLASSES, path)
     assert not teacher.training
     assert teacher(torch.zeros(1, 3, 32, 32)).shape == (1, NUM_CLASSES)

@@ -1,7 +1,6 @@
 """torchrun with two CPU processes (gloo): same validation as one process, exact resume, clear errors."""
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -12,9 +11,9 @@ from conftest import REPO, run_script, train_args
 from utils import run_folder
 
 
-def torchrun_command(*args, processes=2):
+def torchrun_command(*args, processes=2, script=os.path.join(REPO, "step1", "train.py")):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={processes}", os.path.join(REPO, "step1", "train.py"), *map(str, args)]
+            f"--nproc_per_node={processes}", script, *map(str, args)]
 
 
 def torchrun(*args):
@@ -50,25 +49,38 @@ def test_only_rank_zero_writes_a_clean_checkpoint(two_epoch_run):
     assert len(summary_lines(output)) == 2  # one line per epoch, not one per rank
 
 
+def progress_lines(output):
+    """``(epoch, iteration)`` of every training progress line, in order."""
+    return [(int(e), int(i)) for e, i in re.findall(r"^Epoch: \[(\d+)\]\[\s*(\d+)/", output, re.M)]
+
+
 def test_preempted_ranks_resume_from_one_checkpoint_bit_identically(tiny_data, teacher_weights,
                                                                      tmp_path, two_epoch_run):
     save, _ = two_epoch_run
     args = train_args(tiny_data, teacher_weights, tmp_path, epochs=2)
-    launcher = subprocess.Popen(torchrun_command(*args), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
-    for line in launcher.stdout:  # preempt in the second epoch, as a cluster scheduler would
-        if line.startswith("Epoch: [1]"):
-            launcher.send_signal(signal.SIGTERM)
-            break
-    output = launcher.stdout.read()
-    assert launcher.wait() != 0
-    assert "stopped by SIGTERM at epoch 1" in output
-    resumed = torchrun(*args)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
+    # Rank 0 sends SIGTERM to torchrun, as a cluster scheduler would, right after the update of
+    # iteration 0 of epoch 0 (3 iterations per epoch, learning rate lr / 2), and waits until
+    # torchrun has passed it on: the ranks agree to stop after iteration 1.
+    wrapper = os.path.join(REPO, "tests", "interrupted_run.py")
+    command = torchrun_command(os.path.join(REPO, "step1", "train.py"), *args, script=wrapper)
+    env = dict(os.environ, OMP_NUM_THREADS="1", INTERRUPT_SIGNAL="SIGTERM", INTERRUPT_AFTER_STEP="1",
+               INTERRUPT_TARGET="parent")
+    preempted = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    output = preempted.stdout + preempted.stderr
+    assert preempted.returncode != 0, output[-3000:]
+    assert "stopped by SIGTERM at epoch 0 iteration 2; saved" in preempted.stdout, output[-3000:]
+    assert progress_lines(preempted.stdout) == [(0, 0), (0, 1)]
+    stopped = torch.load(tmp_path / run_folder.LAST, weights_only=True)
+    assert (stopped["epoch"], stopped["iteration"]) == (0, 2)
     expected = torch.load(save / run_folder.LAST, weights_only=True)["state_dict"]
+    assert not torch.equal(stopped["state_dict"]["fc.weight"], expected["fc.weight"])  # work remains
+
+    resumed = torchrun(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"^=> resuming \S+ at epoch 0 iteration 2 ", resumed.stdout, re.M)
+    assert progress_lines(resumed.stdout) == [(0, 2), (1, 0), (1, 1), (1, 2)]
     actual = torch.load(tmp_path / run_folder.LAST, weights_only=True)["state_dict"]
+    assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 

@@ -1,14 +1,12 @@
 """A run survives kills, preemption, full disks, corrupt images and divergence without losing work."""
 import errno
 import os
-import random
 import re
 import resource
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -20,22 +18,45 @@ from utils import run_folder
 from utils.errors import UserError
 
 STEP1 = os.path.join(REPO, "step1", "train.py")
+INTERRUPTED_RUN = os.path.join(REPO, "tests", "interrupted_run.py")
 
 
 def step1_command(data, teacher, save, *extra, epochs=2):
-    """Two epochs of 6 iterations on tiny_data."""
+    """Two epochs of 6 iterations on tiny_data: epoch 0 trains at lr / 2, epoch 1 at 0."""
     return [sys.executable, STEP1, *map(str, train_args(data, teacher, save, "--print_freq", 1,
                                                         *extra, epochs=epochs, batch_size=4))]
 
 
+def interrupted(command, signal_name, after_step):
+    """``command`` run through tests/interrupted_run.py, which sends ``signal_name`` to the run
+    itself right after its optimizer step number ``after_step``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", INTERRUPT_SIGNAL=signal_name,
+               INTERRUPT_AFTER_STEP=str(after_step))
+    return subprocess.run([sys.executable, INTERRUPTED_RUN, *command[1:]], capture_output=True,
+                          text=True, env=env)
+
+
+def checkpoint(save):
+    return torch.load(os.path.join(save, run_folder.LAST), weights_only=True)
+
+
 def final_weights(save):
-    return torch.load(os.path.join(save, run_folder.LAST), weights_only=True)["state_dict"]
+    return checkpoint(save)["state_dict"]
 
 
 def assert_bit_identical(a, b):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"tensors differ: {different[:5]}"
+
+
+def adam_moments(state):
+    return {f"{i}.{k}": v for i, s in state["optimizer"]["state"].items() for k, v in s.items()}
+
+
+def progress_lines(output):
+    """``(epoch, iteration)`` of every training progress line, in order."""
+    return [(int(e), int(i)) for e, i in re.findall(r"^Epoch: \[(\d+)\]\[\s*(\d+)/", output, re.M)]
 
 
 def one_error_line(result):
@@ -48,62 +69,55 @@ def one_error_line(result):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data, teacher_weights, tmp_path_factory):
-    """Final weights of a 2-epoch run that nothing interrupts."""
+    """Final state of a 2-epoch run that nothing interrupts."""
     save = tmp_path_factory.mktemp("uninterrupted")
     subprocess.run(step1_command(tiny_data, teacher_weights, save), check=True, capture_output=True,
                    env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return final_weights(save)
+    return checkpoint(save)
 
 
-def start(command):
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+def assert_resumed_to_the_uninterrupted_end(command, stopped_at, uninterrupted, save):
+    """The rerun continues at ``stopped_at`` (never from the start) and ends bit-identical."""
+    resumed = subprocess.run(command, capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epoch, iteration = stopped_at
+    assert re.search(rf"^=> resuming \S+ at epoch {epoch} iteration {iteration} ", resumed.stdout, re.M)
+    lines = progress_lines(resumed.stdout)
+    assert lines[0] == stopped_at and lines[-1] == (1, 5) and len(lines) == 12 - 6 * epoch - iteration
+    final = checkpoint(save)
+    assert_bit_identical(final["state_dict"], uninterrupted["state_dict"])
+    assert_bit_identical(adam_moments(final), adam_moments(uninterrupted))
 
 
-def wait_for(path, process, timeout=120):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        assert process.poll() is None, process.stdout.read()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
-def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
-                                                                 uninterrupted):
-    command = step1_command(tiny_data, teacher_weights, tmp_path, "--save_every_iters", 1)
-    process = start(command)
-    wait_for(tmp_path / run_folder.LAST, process)
-    time.sleep(random.uniform(0, 4))
-    process.kill()
-    process.wait()
-    finished = subprocess.run(command, capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert finished.returncode == 0, finished.stderr
-    assert_bit_identical(final_weights(tmp_path), uninterrupted)
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
+                                                         uninterrupted):
+    command = step1_command(tiny_data, teacher_weights, tmp_path, "--save_every_iters", 2)
+    # Killed during iteration 3 of epoch 0 (learning rate lr / 2), after its update and before
+    # the checkpoint of iteration 4: the updates of iterations 2 and 3 are lost and redone.
+    killed = interrupted(command, "SIGKILL", after_step=4)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert progress_lines(killed.stdout) == [(0, 0), (0, 1), (0, 2)]
+    assert re.search(r"^learning_rate: 0.000625$", killed.stdout, re.M)
+    saved = checkpoint(tmp_path)
+    assert (saved["epoch"], saved["iteration"]) == (0, 2)
+    # What remains to train changes the weights, so a resume that lost anything would show.
+    assert not torch.equal(saved["state_dict"]["fc.weight"], uninterrupted["state_dict"]["fc.weight"])
+    assert_resumed_to_the_uninterrupted_end(command, (0, 2), uninterrupted, tmp_path)
 
 
 def test_sigterm_saves_mid_epoch_and_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
                                                              uninterrupted):
     command = step1_command(tiny_data, teacher_weights, tmp_path)
-    process = start(command)
-    for line in process.stdout:  # signal in the middle of the second epoch
-        if line.startswith("Epoch: [1][0/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    output = process.stdout.read()
-    assert process.wait() == 128 + signal.SIGTERM
-    stopped = re.search(r"stopped by SIGTERM at epoch (\d+) iteration (\d+)", output)
-    assert stopped, output
-    epoch, iteration = int(stopped[1]), int(stopped[2])
-    assert epoch == 1 and 0 < iteration < 6
-    state = torch.load(tmp_path / run_folder.LAST, weights_only=True)
-    assert (state["epoch"], state["iteration"]) == (epoch, iteration)
-
-    resumed = subprocess.run(command, capture_output=True, text=True,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"at epoch 1 iteration {iteration}" in resumed.stdout
-    assert_bit_identical(final_weights(tmp_path), uninterrupted)
+    # SIGTERM arrives during iteration 1 of epoch 0: the run finishes iteration 2, saves and stops.
+    stopped = interrupted(command, "SIGTERM", after_step=2)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert "stopped by SIGTERM at epoch 0 iteration 3; saved" in stopped.stdout
+    assert progress_lines(stopped.stdout) == [(0, 0), (0, 1), (0, 2)]
+    saved = checkpoint(tmp_path)
+    assert (saved["epoch"], saved["iteration"]) == (0, 3)
+    assert not torch.equal(saved["state_dict"]["fc.weight"], uninterrupted["state_dict"]["fc.weight"])
+    assert_resumed_to_the_uninterrupted_end(command, (0, 3), uninterrupted, tmp_path)
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import torch.nn as nn
 from models import reactnet
 from models.reactnet import GlobalMeanPool
 from utils.distill import distillation_loss
-from utils.optim import build_optimizer, build_scheduler
+from utils.optim import build_optimizer
 from utils.runtime import configure_device
 from utils.trainer import Trainer
 from utils.training_flags import build_parser, fill_defaults
@@ -89,22 +89,6 @@ def test_weight_decay_is_l2_added_to_the_gradient():
         assert torch.equal(p.detach(), old)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
-def test_learning_rate_of_each_epoch():
-    epochs = 4
-    optimizer = build_optimizer(nn.Conv2d(1, 1, 1), LR, WD)
-    scheduler = build_scheduler(optimizer, epochs)
-    used = []
-    for _ in range(epochs):
-        scheduler.step()  # at the start of the epoch, as the engine does
-        used.append([g["lr"] for g in optimizer.param_groups])
-        optimizer.step()
-    expected = [LR * (1 - (e + 1) / epochs) for e in range(epochs)]
-    for lrs, lr in zip(used, expected):
-        assert lrs == pytest.approx([lr, lr], abs=1e-15)
-    assert used[-1] == [0.0, 0.0]
-
-
 # --- Distillation loss ---
 
 def soft_cross_entropy_by_hand(student, teacher):
@@ -126,30 +110,36 @@ def logits_pair(batch=5, classes=7, seed=0):
 
 
 
-PAGE_FAULTS_OF_ALLOCATIONS = textwrap.dedent("""
-    import resource, sys, torch
+MMAPPED_BYTES_OF_LARGE_BLOCKS = textwrap.dedent("""
+    import ctypes, sys, torch
     from utils.runtime import keep_freed_host_memory
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                    "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
     if sys.argv[1] == "keep":
         assert keep_freed_host_memory()
-    def faults():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(5):
-            torch.ones(16 * 2**20)  # 64 MB written, then freed
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    faults()  # the first allocations may grow the heap
-    print(faults())
+    blocks = [torch.ones(16 * 2**20) for _ in range(3)]  # 64 MB each, alive together
+    print(mallinfo2().hblkhd)  # bytes in blocks mapped on their own, returned to the system when freed
 """)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
-def test_cpu_training_reuses_freed_memory_without_page_faults():
-    def faults(mode):
-        result = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_ALLOCATIONS, mode], cwd=REPO,
+def test_cpu_training_keeps_large_blocks_in_the_reusable_heap():
+    # Whether the kernel then page-faults a reused heap block is its own business (it varies with
+    # the machine's memory pressure); what the setting controls is where glibc puts the blocks.
+    def mmapped_bytes(mode):
+        result = subprocess.run([sys.executable, "-c", MMAPPED_BYTES_OF_LARGE_BLOCKS, mode], cwd=REPO,
                                 capture_output=True, text=True, check=True)
         return int(result.stdout)
-    # glibc's defaults map each 64 MB block afresh: 16384 page faults per allocation.
-    assert faults("default") > 4 * 16384
-    assert faults("keep") < 1000
+    block = 64 * 2**20
+    # glibc's defaults map every block of this size on its own and unmap it when it is freed.
+    assert mmapped_bytes("default") >= 3 * block
+    assert mmapped_bytes("keep") < block
+
 
 def test_distillation_loss_is_soft_cross_entropy():
     student, teacher = logits_pair()
@@ -227,26 +217,31 @@ def val_accuracies(log):
     return [float(v) for v in re.findall(r"^ \* acc@1 (\S+) acc@5", log, flags=re.M)]
 
 
+EPOCHS = 3  # epoch e trains at LR * (1 - (e + 1) / 3): 2/3, 1/3 and 0 of LR
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_data, teacher_weights, tmp_path_factory):
-    """A 2-epoch run that dies after epoch 0 and is resumed, and the same run uninterrupted."""
+    """A 3-epoch run that dies after epoch 0 and is resumed, and the same run uninterrupted."""
     root = tmp_path_factory.mktemp("resume")
     wrapper = root / "crash_after_first_save.py"
     wrapper.write_text(CRASH_AFTER_FIRST_SAVE)
     interrupted, uninterrupted = str(root / "interrupted"), str(root / "uninterrupted")
 
-    crashed = run_script(str(wrapper), REPO, *train_args(tiny_data, teacher_weights, interrupted, epochs=2))
+    crashed = run_script(str(wrapper), REPO, *train_args(tiny_data, teacher_weights, interrupted, epochs=EPOCHS))
     saved = load(os.path.join(interrupted, "checkpoint.pth.tar"))
 
     # What a resuming run holds once set up, captured in this process from a copy of the folder.
     copy = root / "restored"
     copy.mkdir()
     shutil.copy(os.path.join(interrupted, "checkpoint.pth.tar"), copy)
-    flags = [str(a) for a in train_args(tiny_data, teacher_weights, str(copy), epochs=2)]
+    flags = [str(a) for a in train_args(tiny_data, teacher_weights, str(copy), epochs=EPOCHS)]
     restored = trainer_state(Trainer(fill_defaults(build_parser(1).parse_args(flags)), 1))
 
-    resumed = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, interrupted, epochs=2))
-    straight = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, uninterrupted, epochs=2))
+    resumed = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, interrupted,
+                                                         epochs=EPOCHS))
+    straight = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, uninterrupted,
+                                                          epochs=EPOCHS))
     return {"crashed": crashed, "saved": saved, "restored": restored, "resumed": resumed,
             "straight": straight, "interrupted": interrupted, "uninterrupted": uninterrupted}
 
@@ -288,6 +283,8 @@ def test_resumed_run_equals_uninterrupted_run(runs):
     assert runs["straight"].returncode == 0, runs["straight"].stderr[-2000:]
     resumed = load(os.path.join(runs["interrupted"], "checkpoint.pth.tar"))
     straight = load(os.path.join(runs["uninterrupted"], "checkpoint.pth.tar"))
+    # Epoch 1 trains at a non-zero rate after the resume: losing anything would change the weights.
+    assert not torch.equal(runs["saved"]["state_dict"]["fc.weight"], straight["state_dict"]["fc.weight"])
     for key in ("state_dict", "optimizer", "scheduler", "epoch", "best_top1_acc"):
         assert_same(resumed[key], straight[key], key)
 
@@ -298,23 +295,57 @@ def test_resumed_run_ends_with_the_uninterrupted_torch_rng_state(runs):
     assert torch.equal(resumed["rng"]["torch"], straight["rng"]["torch"])
 
 
+# --- The learning rate of each epoch, as the training command uses it ---
+
+def logged_learning_rates(output):
+    return [float(v) for v in re.findall(r"^learning_rate: (\S+)$", output, flags=re.M)]
+
+
+def metrics_records(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_each_epoch_trains_at_the_linearly_decayed_rate(runs):
+    # The schedule is stepped at the start of every epoch, as in the published code.
+    expected = [LR * (1 - (e + 1) / EPOCHS) for e in range(EPOCHS)]
+    assert logged_learning_rates(runs["straight"].stdout) == pytest.approx(expected, abs=1e-15)
+    records = metrics_records(runs["uninterrupted"])
+    assert [r["epoch"] for r in records] == list(range(EPOCHS))
+    assert [r["lr"] for r in records] == pytest.approx(expected, abs=1e-15)
+    # The resumed run goes on with the schedule instead of starting it again.
+    assert logged_learning_rates(runs["crashed"].stdout) == pytest.approx(expected[:1], abs=1e-15)
+    assert logged_learning_rates(runs["resumed"].stdout) == pytest.approx(expected[1:], abs=1e-15)
+    # Both parameter groups (with and without weight decay) follow it.
+    after_epoch_0 = [g["lr"] for g in runs["saved"]["optimizer"]["param_groups"]]
+    final = load(os.path.join(runs["uninterrupted"], "checkpoint.pth.tar"))
+    assert after_epoch_0 == pytest.approx([expected[0]] * 2, abs=1e-15)
+    assert [g["lr"] for g in final["optimizer"]["param_groups"]] == [0.0, 0.0]
+
+
+def test_the_rate_is_what_moves_the_weights(runs):
+    # Weights flip sign while the rate is positive and stay put at rate 0, in the last epoch.
+    flip_flops = [r["flip_flop"] for r in metrics_records(runs["uninterrupted"])]
+    assert flip_flops[0] > 0 and flip_flops[1] > 0 and flip_flops[2] == 0
+
+
 # --- What a run folder holds ---
 
 def test_checkpoint_content(runs):
     checkpoint = load(os.path.join(runs["uninterrupted"], "checkpoint.pth.tar"))
     assert CHECKPOINT_KEYS <= set(checkpoint)
-    assert checkpoint["epoch"] == 2 and checkpoint["iteration"] == 0
+    assert checkpoint["epoch"] == EPOCHS and checkpoint["iteration"] == 0
     assert checkpoint["step"] == 1 and checkpoint["num_classes"] == 3
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["state_dict"])
     assert list(checkpoint["state_dict"]) == list(reactnet(3).state_dict())
     assert type(checkpoint["args"]) is dict
-    assert checkpoint["args"]["epochs"] == 2 and checkpoint["args"]["weight_decay"] == WD
+    assert checkpoint["args"]["epochs"] == EPOCHS and checkpoint["args"]["weight_decay"] == WD
 
 
 def test_best_accuracy_is_the_best_validation_line(runs):
     with open(os.path.join(runs["uninterrupted"], "log.txt")) as f:
         accuracies = val_accuracies(f.read())
-    assert len(accuracies) == 2
+    assert len(accuracies) == EPOCHS
     checkpoint = load(os.path.join(runs["uninterrupted"], "checkpoint.pth.tar"))
     assert checkpoint["best_top1_acc"] == pytest.approx(max(accuracies), abs=5e-4)
 

@@ -1,0 +1,65 @@
+"""Runs a training script and interrupts it from inside, at a chosen optimizer step.
+
+    python tests/interrupted_run.py SCRIPT [FLAGS...]
+
+SCRIPT (e.g. step1/train.py) runs as ``__main__`` in this process, with FLAGS as its arguments.
+Right after the optimizer step number INTERRUPT_AFTER_STEP (1-based, counted in this process), a
+PyTorch optimizer post-hook sends the signal INTERRUPT_SIGNAL (a name such as SIGKILL or SIGTERM)
+to this process, or with INTERRUPT_TARGET=parent to the parent process (torchrun's agent, as a
+cluster scheduler would), and for a signal the script handles it then waits until that signal has
+reached this process. Under torchrun only the rank INTERRUPT_RANK (default 0) sends it.
+
+The moment is a fixed point of the run (an update applied in memory, nothing after it saved), so
+what a test checks does not depend on timing.
+"""
+import os
+import runpy
+import signal
+import sys
+import time
+
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+after_step = int(os.environ["INTERRUPT_AFTER_STEP"])
+signum = getattr(signal, os.environ["INTERRUPT_SIGNAL"])
+target = os.getppid() if os.environ.get("INTERRUPT_TARGET") == "parent" else os.getpid()
+sends = os.environ.get("RANK", "0") == os.environ.get("INTERRUPT_RANK", "0")
+
+received = []
+_install = signal.signal
+
+
+def recording_install(number, handler):
+    """Installs ``handler`` wrapped so that this file sees when the signal arrives."""
+    if number == signum and callable(handler):
+        inner = handler
+
+        def handler(number, frame):
+            received.append(number)
+            return inner(number, frame)
+    return _install(number, handler)
+
+
+signal.signal = recording_install
+steps = 0
+
+
+def after_optimizer_step(optimizer, args, kwargs):
+    global steps
+    steps += 1
+    if steps != after_step or not sends:
+        return
+    print(f"interrupted_run: sending {signal.Signals(signum).name} after optimizer step {steps}",
+          flush=True)
+    os.kill(target, signum)
+    deadline = time.time() + 60
+    while not received:  # a SIGKILL of this process never returns here
+        assert time.time() < deadline, "the signal never arrived"
+        time.sleep(0.01)
+
+
+register_optimizer_step_post_hook(after_optimizer_step)
+script = os.path.abspath(sys.argv[1])
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.dirname(script)))
+runpy.run_path(script, run_name="__main__")
