@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from utils.cli import (OneLineErrorParser, add_device_flag, add_workers_flag, require_at_least,
-                       require_image_size, require_positive, resolve_device, resolve_workers)
+from utils.cli import (MAX_UNREADABLE_SHARE, OneLineErrorParser, add_device_flag, add_workers_flag,
+                       require_at_least, require_image_size, require_positive, resolve_device,
+                       resolve_workers)
 from utils.data import SeededSampler, make_loader, open_split
 from utils.errors import UserError, report_user_errors
-from utils.evaluation import MAX_UNREADABLE_SHARE, check_unreadable, evaluate
+from utils.evaluation import check_unreadable, evaluate
 from utils.runtime import seed_everything
 
 

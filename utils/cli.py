@@ -7,7 +7,10 @@ import torch
 from models import MIN_INPUT_SIZE
 
 from .errors import UserError
-from .evaluation import MAX_UNREADABLE_SHARE
+
+
+# Unreadable images are skipped; a batch with more than this share of them stops the run.
+MAX_UNREADABLE_SHARE = 0.5
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -5,14 +5,11 @@ import torch
 import torch.nn as nn
 
 from . import distributed
+from .cli import MAX_UNREADABLE_SHARE
 from .data import on_device
 from .errors import UserError
 from .meters import AverageMeter, ProgressMeter, topk_correct
 from .runtime import autocast
-
-
-# Unreadable images are skipped; a batch with more than this share of them stops the run.
-MAX_UNREADABLE_SHARE = 0.5
 
 
 @torch.no_grad()
