@@ -1,5 +1,6 @@
 """Fixtures shared by the tests: a tiny ImageFolder dataset and a teacher trained for nothing."""
 import os
+import re
 import subprocess
 import sys
 
@@ -66,8 +67,48 @@ def single_error_line(result):
     return errors[0]
 
 
+def main_error_line(main, argv, capsys):
+    """The one ``error:`` line of a tool's ``main(argv)`` run in this process, which must exit with
+    status 2 without a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def train_args(data, teacher, save, *extra, epochs=1, batch_size=8):
     """Flags for a fast step-1/step-2 run on ``tiny_data``."""
     return ["--data", data, "--teacher", "resnet18", "--teacher_weights", teacher, "--save", save,
             "--epochs", epochs, "--batch_size", batch_size, "--image_size", 32, "-j", 0,
             "--device", "cpu", *extra]
+
+
+def succeeded(result):
+    """``result`` of a command that exited with status 0."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_sh(step, env_vars, *extra, cwd):
+    """``bash stepN/run.sh`` configured through the environment, as its header describes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_vars,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    return subprocess.run(["bash", os.path.join(REPO, f"step{step}", "run.sh"), *map(str, extra)],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def evaluate_args(data, checkpoint):
+    """Flags of evaluate.py for a checkpoint trained by ``train_args``."""
+    return ["--data", data, "--checkpoint", checkpoint, "--image_size", 32, "--batch_size", 8,
+            "-j", 0, "--device", "cpu"]
+
+
+def last_val_line(text):
+    """The last `` * acc@1 X acc@5 Y`` line of an output."""
+    lines = re.findall(r"^ \* acc@1 \S+ acc@5 \S+$", text, flags=re.M)
+    assert lines, text[-2000:]
+    return lines[-1]

@@ -1,27 +1,15 @@
 """The command lines end to end on tiny data: step 1 -> step 2 -> evaluate, run.sh, bad input."""
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torchvision
 
-from conftest import NUM_CLASSES, REPO, run_script, single_error_line, train_args, write_image_folder
+from conftest import (NUM_CLASSES, evaluate_args, last_val_line, run_script, run_sh,
+                      single_error_line, succeeded, train_args, write_image_folder)
 
 BEST = "model_best.pth.tar"
-
-
-def evaluate_args(data, checkpoint):
-    return ["--data", data, "--checkpoint", checkpoint, "--image_size", 32, "--batch_size", 8,
-            "-j", 0, "--device", "cpu"]
-
-
-def last_val_line(text):
-    lines = re.findall(r"^ \* acc@1 \S+ acc@5 \S+$", text, flags=re.M)
-    assert lines, text[-2000:]
-    return lines[-1]
 
 
 def read(path):
@@ -33,21 +21,8 @@ def logged_val_line(run_folder):
     return last_val_line(read(os.path.join(run_folder, "log.txt")))
 
 
-def succeeded(result):
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def learned_parameters(state_dict):
     return {k: v for k, v in state_dict.items() if "running" not in k and "num_batches" not in k}
-
-
-def run_sh(step, env_vars, *extra, cwd):
-    """``bash stepN/run.sh`` configured through the environment, as its header describes."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **env_vars,
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    return subprocess.run(["bash", os.path.join(REPO, f"step{step}", "run.sh"), *map(str, extra)],
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="module")
