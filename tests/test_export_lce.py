@@ -1,0 +1,271 @@
+"""tools/export_lce.py: a trained demo model run as a 1-bit network by Larq Compute Engine.
+
+These tests need LCE's own environment (tools/lce/requirements.txt in .lce_env/ or $LCE_ENV). It is
+created on first use; when that fails, the tests fail: they are never skipped.
+"""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate
+from conftest import REPO, evaluate_args, last_val_line, main_error_line, run_sh, succeeded
+from models.checkpoint import read_checkpoint
+from models.reactnet import BasicBlock, reactnet
+from tools import export_lce
+from tools.make_demo_data import write_dataset
+
+EXPORT_SIZE = 96  # the smallest size LCE exports correctly (see MIN_EXPORT_SIZE)
+LAST_LINE = re.compile(r"^export: (\d+) of 31 binary convolutions as LceBconv2d, top-1 agreement "
+                       r"([\d.]+)% on (\d+) images, size ([\d.]+) MB$")
+
+
+@pytest.fixture(scope="module")
+def lce_env():
+    """The Python of the LCE environment, installed here if it is missing."""
+    return export_lce.lce_python(export_lce.default_lce_env())
+
+
+def export(checkpoint, data, out, *extra):
+    """``python -m tools.export_lce`` from the repository root, as the README runs it."""
+    command = [sys.executable, "-m", "tools.export_lce", "--checkpoint", checkpoint, "--data", data,
+               "--out", out, "--image_size", EXPORT_SIZE, "-j", 0, "--bench_runs", 2, *extra]
+    return subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=REPO,
+                          timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def last_line(result):
+    succeeded(result)
+    match = LAST_LINE.match(result.stdout.strip().splitlines()[-1])
+    assert match, result.stdout[-3000:]
+    return match
+
+
+@pytest.fixture(scope="module")
+def demo(lce_env, teacher_weights, tmp_path_factory):
+    """A step-2 model trained from scratch by step2/run.sh for two epochs (the first at a nonzero
+    learning rate) on demo data with 50 validation images per class, and its export."""
+    root = tmp_path_factory.mktemp("lce_demo")
+    data = str(root / "data")
+    write_dataset(data, 3, {"train": 16, "val": 50}, 40, seed=0)
+    env = {"DATA": data, "EPOCHS": "2", "BATCH_SIZE": "16", "IMAGE_SIZE": "32", "TEACHER": "resnet18",
+           "TEACHER_WEIGHTS": teacher_weights, "WORKERS": "0", "SAVE": str(root / "step2"),
+           "STEP1_CHECKPOINT": "none", "NGPUS": "1"}
+    succeeded(run_sh(2, env, "--device", "cpu", "--no_metrics", cwd=str(root)))
+    checkpoint = str(root / "step2" / "model_best.pth.tar")
+    out = root / "lce"
+    result = export(checkpoint, data, out)
+    assert (out / "report.json").exists(), result.stderr[-3000:]
+    with open(out / "report.json") as f:
+        report = json.load(f)
+    return {"root": root, "data": data, "checkpoint": checkpoint, "out": out, "result": result,
+            "report": report}
+
+
+def test_trained_model_exports_fully_binary_and_agrees(demo):
+    match = last_line(demo["result"])
+    report = demo["report"]
+    assert int(match.group(1)) == report["binary_convs"] == 31
+    assert float(match.group(2)) >= 99.0
+    assert int(match.group(3)) == report["images"] == 150
+    assert float(match.group(4)) == round(os.path.getsize(demo["out"] / "model.tflite") / 1e6, 2)
+    # The census: every binary conv bit-packed, the stem the only float conv.
+    assert report["census"]["LceBconv2d"] == 31 and report["census"]["CONV_2D"] == 1
+    assert report["parts_census"]["LceBconv2d"] == 31 and report["parts_census"]["CONV_2D"] == 1
+    assert report["packed_weight_bytes"] < report["tflite_bytes"] < report["state_dict_bytes"] / 20
+    assert set(report["latency_ms"]) == {"lce_bgemm", "lce_indirect_bgemm", "pytorch_binarized_once",
+                                         "published_forward"}
+    assert report["kernels_max_diff"] <= 1e-4
+
+
+def test_every_part_matches_pytorch_on_its_own_input(demo):
+    parts = demo["report"]["parts"]
+    assert [p["part"] for p in parts] == [f"feature.{i}" for i in range(14)] + ["head"]
+    for part in parts:
+        assert part["unexplained"] == 0, part
+        assert part["max_diff"] <= 1e-2, part
+    # Only the blocks binarize; the stem and the head are compared everywhere.
+    assert parts[0]["near_zero_positions"] == parts[-1]["near_zero_positions"] == 0
+
+
+def test_pytorch_side_equals_evaluate(demo, capsys):
+    """The reference the export is compared with is evaluate.py's model on evaluate.py's images."""
+    args = evaluate_args(demo["data"], demo["checkpoint"])
+    args[args.index("--image_size") + 1] = EXPORT_SIZE
+    evaluate.main([str(a) for a in args])
+    line = last_val_line(capsys.readouterr().out)
+    assert line.startswith(f" * acc@1 {demo['report']['top1_pytorch']:.3f} ")
+
+
+def test_released_format_exports_the_same_flatbuffer(demo, tmp_path):
+    """An AdamBNN-style released file (nn.DataParallel prefixes, no step metadata) converts to the
+    very same bytes. (ReActNet's flat ``.weights`` load into the same model: test_checkpoint.py.)"""
+    state_dict = read_checkpoint(demo["checkpoint"])["state_dict"]
+    path = tmp_path / "released.pth.tar"
+    torch.save({"epoch": 2, "state_dict": {"module." + k: v for k, v in state_dict.items()},
+                "best_top1_acc": 50.0, "optimizer": {}}, path)
+    match = last_line(export(path, demo["data"], tmp_path / "lce", "--max_images", 30, "--part_images", 1,
+                             "--bench_runs", 1))
+    assert int(match.group(1)) == 31 and int(match.group(3)) == 30
+    assert (tmp_path / "lce" / "model.tflite").read_bytes() == (demo["out"] / "model.tflite").read_bytes()
+
+
+# Small cases, one LCE conversion for all: blocks with mixed-sign weights and BatchNorm statistics
+# of their own input, as a trained network has.
+
+def calibrated(block, x, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.startswith("move"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif name.startswith("binary_"):
+                p.copy_(torch.randn(p.shape, generator=g))
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average: one batch sets the statistics
+        block.train()(x)
+    return block.eval()
+
+
+@pytest.fixture(scope="module")
+def small_cases(lce_env, tmp_path_factory):
+    torch.manual_seed(0)
+    even, padded, zeros, x = (torch.randn(2, 8, n, n) for n in (6, 5, 4, 4))
+    cases = {"stride2": (calibrated(BasicBlock(8, 16, 2, True), even, 1), even),
+             "zero_padding": (calibrated(BasicBlock(8, 8, 1, True), padded, 2), padded),
+             "sign_of_zero": (calibrated(BasicBlock(8, 8, 1, True), zeros, 3), zeros),
+             "zero_weights": (calibrated(BasicBlock(8, 8, 1, True), x, 4), x)}
+    # Every channel's pre-sign value exactly 0 at one position of the first image.
+    zeros[0, :, 1, 2] = -cases["sign_of_zero"][0].move11.bias.detach().flatten()
+    with torch.no_grad():
+        cases["zero_weights"][0].binary_3x3.weight[:, 0, 1, 1] = 0
+        cases["zero_weights"][0].binary_pw.weight[0, :3] = 0
+    named = [(f"{name}.", export_lce.as_exported(block)) for name, (block, _) in cases.items()]
+    comparisons, report, _ = export_lce.verify_parts(
+        named, [x for _, x in cases.values()], lce_env, str(tmp_path_factory.mktemp("small")), sign_eps=0)
+    return {"cases": cases, "report": report, **{c["part"]: c for c in comparisons}}
+
+
+def binary_conv(block, x, pad):
+    """The first binary conv of ``block`` with explicit (left, right, top, bottom) zero padding."""
+    binary = torch.sign(block.move11(x))
+    weight = block.binary_3x3.weight_binarizer(block.binary_3x3.weight)
+    return F.conv2d(F.pad(binary, pad), weight, stride=block.stride)
+
+
+def test_small_cases_are_fully_binary(small_cases):
+    assert small_cases["report"]["parts"]["ops"]["LceBconv2d"] == 3 + 2 + 2 + 2
+    assert "CONV_2D" not in small_cases["report"]["parts"]["ops"]
+    assert small_cases["report"]["kernels_max_diff"] <= 1e-4
+
+
+def test_stride2_on_even_size_aligns_as_pytorch(small_cases):
+    block, x = small_cases["cases"]["stride2"]
+    with torch.no_grad():  # the case tells the alignments apart: TF's "same" pads after
+        assert not torch.allclose(binary_conv(block, x, (1, 0, 1, 0)), binary_conv(block, x, (0, 1, 0, 1)))
+    result = small_cases["stride2"]
+    assert result["near_zero_positions"] == 0 and result["differing_positions"] == 0
+    assert result["max_diff"] < 1e-4
+
+
+def test_binary_conv_pads_with_zeros(small_cases):
+    block, x = small_cases["cases"]["zero_padding"]
+    with torch.no_grad():  # the case tells zero from +1 padding apart
+        plus_one = F.conv2d(F.pad(torch.sign(block.move11(x)), (1, 1, 1, 1), value=1.0),
+                            block.binary_3x3.weight_binarizer(block.binary_3x3.weight))
+        assert not torch.allclose(binary_conv(block, x, (1, 1, 1, 1)), plus_one)
+    result = small_cases["zero_padding"]
+    assert result["near_zero_positions"] == 0 and result["differing_positions"] == 0
+    assert result["max_diff"] < 1e-4
+
+
+def test_sign_of_zero_differs_only_where_counted(small_cases):
+    """PyTorch's sign(0) is 0, LCE's +1: outputs differ, but only where the exact zero reaches."""
+    result = small_cases["sign_of_zero"]
+    assert result["near_zero_positions"] == 9  # the 3x3 neighbourhood of the zero, first image
+    assert 0 < result["differing_positions"] <= result["near_zero_positions"]
+    assert result["unexplained"] == 0
+    assert result["max_diff"] < 1e-4
+
+
+# Bad input: one error line, non-zero exit, no traceback.
+
+def expect_error(capsys, *argv):
+    return main_error_line(export_lce.main, argv, capsys)
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    line = expect_error(capsys, "--checkpoint", tmp_path / "missing.pth.tar", "--data", tmp_path,
+                        "--out", tmp_path / "out", "--image_size", EXPORT_SIZE)
+    assert "missing.pth.tar" in line
+
+
+def test_step1_checkpoint_refused(tmp_path, capsys):
+    path = tmp_path / "step1.pth.tar"
+    torch.save({"step": 1, "state_dict": reactnet(3).state_dict()}, path)
+    line = expect_error(capsys, "--checkpoint", path, "--data", tmp_path, "--out", tmp_path / "out")
+    assert "step-1" in line
+
+
+def test_missing_data_folder(demo, tmp_path, capsys):
+    line = expect_error(capsys, "--checkpoint", demo["checkpoint"], "--data", tmp_path / "nowhere",
+                        "--image_size", EXPORT_SIZE)
+    assert "val" in line
+
+
+def test_size_lce_pads_wrongly_refused(tmp_path, capsys):
+    line = expect_error(capsys, "--checkpoint", tmp_path / "any.pth.tar", "--data", tmp_path,
+                        "--image_size", 64)
+    assert "--image_size" in line and "96" in line
+
+
+@pytest.mark.parametrize("kind", ["below_a_file", "not_a_venv"])
+def test_environment_that_cannot_be_made(tmp_path, capsys, kind):
+    (tmp_path / "file").write_text("")
+    if kind == "below_a_file":
+        env = tmp_path / "file" / "env"
+    else:
+        env = tmp_path / "folder"
+        env.mkdir()
+        (env / "keep.txt").write_text("not to be deleted")
+    line = expect_error(capsys, "--setup_only", "--lce_env", env)
+    assert str(env) in line
+    assert kind == "below_a_file" or (env / "keep.txt").exists()
+
+
+def test_broken_environment_reported_with_its_log(demo, tmp_path, capsys):
+    """An environment stamped as complete but without LCE: the LCE side fails, in one line."""
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    with open(export_lce.REQUIREMENTS, "rb") as f:
+        (env / export_lce.STAMP).write_text(hashlib.sha256(f.read()).hexdigest())
+    out = tmp_path / "out"
+    line = expect_error(capsys, "--checkpoint", demo["checkpoint"], "--data", demo["data"], "--out", out,
+                        "--image_size", EXPORT_SIZE, "--max_images", 2, "-j", 0, "--lce_env", env)
+    assert "LCE conversion failed" in line and str(out / "lce.log") in line
+    assert "No module named" in (out / "lce.log").read_text()
+
+
+def test_existing_environment_is_reused(lce_env, capsys):
+    assert export_lce.main(["--setup_only"]) is None
+    out = capsys.readouterr().out
+    assert "installing" not in out and lce_env in out
+
+
+def test_zero_latent_weights_are_exported_as_plus_one(small_cases):
+    """A bit has no 0: the flatbuffer binarizes W == 0 to +1, where PyTorch's sign gives 0."""
+    block, x = small_cases["cases"]["zero_weights"]
+    assert export_lce.zero_weights(block) == 8 + 3
+    with torch.no_grad():  # the case tells the two readings apart
+        assert not torch.allclose(block(x), export_lce.as_exported(block)(x))
+    result = small_cases["zero_weights"]
+    assert result["near_zero_positions"] == 0 and result["differing_positions"] == 0
+    assert result["max_diff"] < 1e-4
