@@ -116,6 +116,24 @@ def test_released_format_exports_the_same_flatbuffer(demo, tmp_path):
     assert (tmp_path / "lce" / "model.tflite").read_bytes() == (demo["out"] / "model.tflite").read_bytes()
 
 
+def test_tolerance_follows_each_channels_largest_value():
+    """A trained model's outputs near 0 carry the rounding error of their channel's large terms:
+    1e-5 of a channel reaching 20 is within the tolerance, the same error in a channel reaching
+    0.5 is not, unless a near-zero pre-sign value reaches that position."""
+    expected = torch.tensor([[[[20.0, 0.24], [1.0, -3.0]], [[0.5, 0.24], [0.1, -0.2]]]])
+    nowhere = torch.zeros(1, 2, 2, dtype=torch.bool)
+    actual = expected.clone()
+    actual[0, 0, 0, 1] += 2e-4
+    assert export_lce.compare(expected, actual, nowhere)["unexplained"] == 0
+    actual[0, 1, 0, 1] += 2e-4
+    result = export_lce.compare(expected, actual, nowhere)
+    assert result["unexplained"] == 1 and result["differing_positions"] == 1
+    there = nowhere.clone()
+    there[0, 0, 1] = True
+    result = export_lce.compare(expected, actual, there)
+    assert result["unexplained"] == 0 and result["near_zero_positions"] == 1
+
+
 # Small cases, one LCE conversion for all: blocks with mixed-sign weights and BatchNorm statistics
 # of their own input, as a trained network has.
 

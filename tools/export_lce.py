@@ -51,7 +51,12 @@ from utils.training_flags import REPO_ROOT
 REQUIREMENTS = os.path.join(REPO_ROOT, "tools", "lce", "requirements.txt")
 STAMP = "requirements.sha256"  # in the environment: the hash of the requirements it was made from
 MB = 1e6
-ATOL, RTOL = 1e-4, 1e-4  # per-part tolerance: |LCE - PyTorch| <= ATOL + RTOL * |PyTorch|
+# Per-part tolerance: |LCE - PyTorch| <= ATOL + RTOL * (the largest |PyTorch| of that channel).
+# Relative to the channel, not to the value itself: LCE sums in another order (BatchNorm folded
+# into an offset, residual adds), so float32 rounding scales with the large terms of a channel and
+# a value that cancels to near 0 keeps their absolute error (a trained demo model: 2.0e-4 at an
+# output of 0.24 in a channel reaching 19.7, 1e-5 of that channel's scale).
+ATOL, RTOL = 1e-4, 1e-4
 # LCE 0.16's binary conv kernels (both) get zero padding wrong when the input is smaller than the
 # 3x3 kernel (every output differed at 2x2 and 1x1): ReActNet-A's last stage is image_size / 32
 # wide, so at least 3 there.
@@ -170,7 +175,7 @@ def part_reference(part, x, sign_eps):
 def compare(expected, actual, near_zero):
     """How far LCE's output of a part is from PyTorch's, away from the ``near_zero`` positions."""
     diff = (actual - expected).abs()
-    outside = diff > ATOL + RTOL * expected.abs()
+    outside = diff > ATOL + RTOL * expected.abs().amax(dim=(0, 2, 3), keepdim=True)
     flagged = near_zero.unsqueeze(1).expand_as(diff)
     return {"max_diff": float(diff[~flagged].max()) if (~flagged).any() else 0.0,
             "positions": near_zero.numel(),
@@ -432,9 +437,9 @@ def print_summary(s):
     print(f"=> {s['zero_latent_weights']} latent binary weights are exactly 0: the flatbuffer and the "
           f"per-part reference take them as +1 (PyTorch's sign: 0)")
     print(f"=> stem, each block and head, fed PyTorch's input of that part: |LCE - PyTorch| <= "
-          f"{s['atol']:g} + {s['rtol']:g} |PyTorch| except at positions a pre-sign value within "
-          f"{s['sign_eps']:g} of 0 reaches ({s['kernel']} kernel; the other differs by at most "
-          f"{s['kernels_max_diff']:.3g})")
+          f"{s['atol']:g} + {s['rtol']:g} max |PyTorch| of the channel, except at positions a "
+          f"pre-sign value within {s['sign_eps']:g} of 0 reaches ({s['kernel']} kernel; the other "
+          f"differs by at most {s['kernels_max_diff']:.3g})")
     for c in s["parts"]:
         print(f"   {c['part']:>10}: max |diff| {c['max_diff']:.2e} away from the {c['near_zero_positions']} of "
               f"{c['positions']} positions a near-zero pre-sign value reaches; {c['differing_positions']} "
