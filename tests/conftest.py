@@ -68,16 +68,14 @@ def single_error_line(result):
 
 
 def main_error_line(main, argv, capsys):
-    """The one ``error:`` line of a tool's ``main(argv)`` run in this process, which must exit with
-    status 2 without a traceback."""
+    """What a tool's ``main(argv)``, run in this process, printed on stderr: it must exit with status
+    2 after printing exactly one line, an ``error:`` line."""
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+    assert err.startswith("error: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    return err.rstrip("\n")
 
 
 def train_args(data, teacher, save, *extra, epochs=1, batch_size=8):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 import torchvision
-from conftest import write_image_folder
+from conftest import main_error_line, write_image_folder
 
 from tools.ablation import COLUMNS, CONFIGS, GridRow, main, plan, read_metrics, summarize, table
 
@@ -111,20 +111,15 @@ def test_summary_of_one_step_run(tmp_path):
 
 
 def test_missing_data_is_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: data folder") and err.count("\n") == 1
+    line = main_error_line(main, ["--data", tmp_path / "nope", "--out", tmp_path / "out"], capsys)
+    assert line.startswith("error: data folder")
 
 
 
 def test_a_non_positive_learning_rate_is_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--sgd_learning_rate", "0"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --sgd_learning_rate must be positive") and err.count("\n") == 1
+    line = main_error_line(main, ["--data", tmp_path, "--out", tmp_path / "out", "--sgd_learning_rate", 0],
+                           capsys)
+    assert line.startswith("error: --sgd_learning_rate must be positive")
 
 def test_end_to_end_two_step_run_then_skip(tmp_path, capsys, monkeypatch):
     # The tool runs in this process (saving an interpreter start); the train scripts are subprocesses.

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import main_error_line
 from models import reactnet
 from tools import benchmark
 from tools.bench.compute import TrainingRun
@@ -101,8 +102,4 @@ def test_configuration_names():
     (["--configs", "ours+fp16"], "unknown configuration"),
 ])
 def test_bad_settings_are_refused_in_one_line(flags, message, capsys):
-    with pytest.raises(SystemExit) as stop:
-        benchmark.main(flags)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    assert message in main_error_line(benchmark.main, flags, capsys)

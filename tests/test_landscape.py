@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import NUM_CLASSES, run_tool
+from conftest import NUM_CLASSES, main_error_line, run_tool
 from models import load_checkpoint, reactnet
 from tools import landscape
 from utils.data import open_split
@@ -121,7 +121,6 @@ def test_missing_checkpoint_is_one_error_line(tiny_data, tmp_path):
 
 
 def test_even_points_are_refused(checkpoint, tiny_data, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_landscape(checkpoint, tiny_data, tmp_path, "--points", "4")
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith("error: --points must be odd")
+    line = main_error_line(lambda argv: run_landscape(checkpoint, tiny_data, tmp_path, *argv),
+                           ["--points", "4"], capsys)
+    assert line.startswith("error: --points must be odd")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, main_error_line
 from models import count_ops, reactnet
 from tools import summary
 
@@ -154,7 +154,5 @@ def test_cli_reads_step_and_classes_from_a_checkpoint(tmp_path, capsys):
 
 def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
     missing = tmp_path / "missing.pth"
-    with pytest.raises(SystemExit) as exit_info:
-        summary.main(["--checkpoint", str(missing)])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [f"error: no checkpoint file at {missing}"]
+    assert main_error_line(summary.main, ["--checkpoint", missing], capsys) == \
+        f"error: no checkpoint file at {missing}"
