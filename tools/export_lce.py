@@ -293,9 +293,10 @@ def pytorch_predictions(model, loader, images_path, count, image_size, max_unrea
 
 
 @torch.no_grad()
-def torch_latency(model, image_size, threads, runs):
-    """Batch-1 latency of PyTorch float inference, weights binarised once, and of the published
-    forward (published binarizers, weights binarised at every call)."""
+def torch_latency(model, exported, image_size, threads, runs):
+    """Batch-1 latency of PyTorch float inference with the weights binarised once (``exported``,
+    as ``as_exported`` returns it) and of the published forward (``model`` with the published
+    binarizers, weights binarised at every call)."""
     # As CPU training and the benchmark do for every row: otherwise glibc page-faults the
     # published forward's fresh copies of the weights in at every call.
     keep_freed_host_memory()
@@ -304,7 +305,7 @@ def torch_latency(model, image_size, threads, runs):
     image = torch.randn(1, 3, image_size, image_size)
     try:
         return {name: latency_ms(lambda: m(image), runs) for name, m in
-                (("pytorch_binarized_once", as_exported(model).eval()),
+                (("pytorch_binarized_once", exported),
                  ("published_forward", use_published_binarizers(copy.deepcopy(model)).eval()))}
     finally:
         torch.set_num_threads(previous)
@@ -414,7 +415,7 @@ def export(args, model, dataset, python):
         "state_dict_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
         "threads": args.threads,
         "latency_ms": {**report["latency_ms"],
-                       **torch_latency(model, args.image_size, args.threads, args.bench_runs)},
+                       **torch_latency(model, exported, args.image_size, args.threads, args.bench_runs)},
     }
     return summary, report
 
