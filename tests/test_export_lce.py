@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from conftest import REPO, evaluate_args, last_val_line, main_error_line, run_sh, succeeded
+from conftest import evaluate_args, last_val_line, main_error_line, run_sh, run_tool, succeeded
 from models.checkpoint import read_checkpoint
 from models.reactnet import BasicBlock, reactnet
 from tools import export_lce
@@ -34,10 +34,8 @@ def lce_env():
 
 def export(checkpoint, data, out, *extra):
     """``python -m tools.export_lce`` from the repository root, as the README runs it."""
-    command = [sys.executable, "-m", "tools.export_lce", "--checkpoint", checkpoint, "--data", data,
-               "--out", out, "--image_size", EXPORT_SIZE, "-j", 0, "--bench_runs", 2, *extra]
-    return subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=REPO,
-                          timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return run_tool("export_lce", "--checkpoint", checkpoint, "--data", data, "--out", out,
+                    "--image_size", EXPORT_SIZE, "-j", 0, "--bench_runs", 2, *extra, timeout=900)
 
 
 def last_line(result):
