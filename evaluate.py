@@ -1,14 +1,14 @@
-"""Evaluates a ReActNet-A checkpoint on DATA/val with the validation transforms.
+"""Evaluates a checkpoint on DATA/val with the validation transforms.
 
-Accepts this repository's checkpoints (step 1 or step 2, read from their metadata) and the authors'
-released AdamBNN and ReActNet files (step 2).
+Accepts this repository's checkpoints (architecture, binarizers and step read from their metadata)
+and the authors' released AdamBNN and ReActNet files (ReActNet-A, step 2).
 
     python evaluate.py --data /path/to/imagenet --checkpoint step2/models/model_best.pth.tar
 """
 import argparse
 import os
 
-from models.checkpoint import model_from_checkpoint
+from models.checkpoint import model_from_checkpoint, title_of
 from utils.cli import (OneLineErrorParser, add_device_flag, add_unreadable_flag, add_workers_flag,
                        require_image_size, require_positive, require_share, resolve_device,
                        resolve_workers)
@@ -40,18 +40,18 @@ def parse_args(argv=None):
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    require_image_size(args.image_size)
     require_positive({"--batch_size": args.batch_size})
     require_share("--max_unreadable_share", args.max_unreadable_share)
     device = resolve_device(args.device)
     workers = resolve_workers(args.workers)
     model, step = model_from_checkpoint(args.checkpoint, args.step)
+    require_image_size(args.image_size, arch=model.spec.arch)
     model.to(device)
     dataset = open_split(args.data, "val", args.image_size, args.data_backend,
                          num_classes=model.fc.out_features)
     loader = make_loader(dataset, SeededSampler(len(dataset), shuffle=False), args.batch_size,
                          workers, device.type == "cuda")
-    print(f"=> evaluating {args.checkpoint} as step {step} on {len(dataset)} images of "
+    print(f"=> evaluating {args.checkpoint} ({title_of(model)}) as step {step} on {len(dataset)} images of "
           f"{os.path.join(args.data, 'val')}", flush=True)
     return evaluate(model, loader, device, args.amp, print_freq=args.print_freq,
                     max_unreadable_share=args.max_unreadable_share)

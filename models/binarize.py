@@ -1,4 +1,9 @@
-"""Binarizers of ReActNet / AdamBNN, written as autograd Functions.
+"""Binarizers by name, written as autograd Functions.
+
+``--act_binarizer``: ``polynomial`` (default, Bi-Real Net / ReActNet), ``ste`` (clipped
+straight-through sign, BinaryNet). ``--weight_binarizer``: ``scaled_sign`` (default, XNOR-Net /
+ReActNet), ``sign`` (unscaled clipped straight-through sign, BinaryNet). models/published.py adds
+``published`` to both: the defaults computed the published code's way.
 
 Each binarizer is one small ``torch.autograd.Function``: the forward is the sign, the backward is the
 surrogate gradient written out in closed form. Compared with composing the surrogate from masks and
@@ -6,6 +11,8 @@ detach tricks, a Function keeps one tensor for backward instead of several, whic
 activation binarizer runs 26 times per forward pass of ReActNet-A.
 """
 import torch
+
+from .registry import register_act_binarizer, register_weight_binarizer
 
 
 class SignWithPolynomialGrad(torch.autograd.Function):
@@ -53,11 +60,41 @@ class ScaledSignWithClipGrad(torch.autograd.Function):
         return grad_output * (weight.abs() <= 1)
 
 
+class SignWithClipGrad(torch.autograd.Function):
+    """The straight-through sign of BinaryNet (Hubara, Courbariaux et al., NeurIPS 2016,
+    "Binarized Neural Networks"), for activations and for weights alike.
+
+    Forward:  ``y = sign(x)`` (``torch.sign``, so 0 maps to 0), no scale.
+
+    Backward: the gradient passes where ``|x| <= 1`` and is cancelled elsewhere, i.e. the
+    derivative of ``clamp(x, -1, 1)`` ("hard tanh"): ``dy/dx = 1`` on ``[-1, 1]``, 0 outside.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return grad_output * (x.abs() <= 1)
+
+
+@register_act_binarizer("polynomial")
 def binarize_activation(x):
     """``sign(x)`` with the ReActNet polynomial surrogate gradient (see SignWithPolynomialGrad)."""
     return SignWithPolynomialGrad.apply(x)
 
 
+@register_weight_binarizer("scaled_sign")
 def binarize_weight(weight):
     """``mean|W| * sign(W)`` per output channel with the clipped straight-through gradient."""
     return ScaledSignWithClipGrad.apply(weight)
+
+
+@register_act_binarizer("ste")
+@register_weight_binarizer("sign")
+def clipped_sign(x):
+    """``sign(x)`` with the clipped straight-through gradient (see SignWithClipGrad)."""
+    return SignWithClipGrad.apply(x)

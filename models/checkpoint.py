@@ -1,7 +1,7 @@
-"""Reading ReActNet-A weights from our checkpoints and from the authors' released files."""
+"""Reading model weights from our checkpoints and from the authors' released ReActNet-A files."""
 import torch
 
-from .reactnet import reactnet
+from .registry import ModelSpec, RegistryError, build_model, get_architecture
 
 # Prefixes that wrappers add to every key: nn.DataParallel / DDP, and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -53,7 +53,7 @@ def classes_in(checkpoint, path="checkpoint"):
     """Output classes of the fc layer stored in ``checkpoint`` (a dict from read_checkpoint)."""
     weight = extract_state_dict(checkpoint, path).get("fc.weight")
     if weight is None:
-        raise CheckpointError(f"{path} has no fc.weight: it is not a ReActNet-A checkpoint")
+        raise CheckpointError(f"{path} has no fc.weight: it is not a checkpoint of a classifier built here")
     return weight.shape[0]
 
 
@@ -80,7 +80,7 @@ def convert_flat_binary_weights(state_dict, expected):
     return converted
 
 
-def check_fits(state_dict, expected, path):
+def check_fits(state_dict, expected, path, title="ReActNet-A"):
     """Raises CheckpointError naming every missing, unexpected and mis-shaped key."""
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -92,7 +92,7 @@ def check_fits(state_dict, expected, path):
             shown = "; ".join(keys[:4]) + (f"; ... {len(keys) - 4} more" if len(keys) > 4 else "")
             problems.append(f"{len(keys)} {label} ({shown})")
     if problems:
-        raise CheckpointError(f"{path} does not fit this ReActNet-A: " + ", ".join(problems))
+        raise CheckpointError(f"{path} does not fit this {title}: " + ", ".join(problems))
 
 
 def load_weights(model, checkpoint, path="checkpoint"):
@@ -103,7 +103,7 @@ def load_weights(model, checkpoint, path="checkpoint"):
     """
     expected = model.state_dict()
     state_dict = convert_flat_binary_weights(extract_state_dict(checkpoint, path), expected)
-    check_fits(state_dict, expected, path)
+    check_fits(state_dict, expected, path, title_of(model))
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -115,7 +115,7 @@ def load_checkpoint(model, path):
     state_dict. Files are read with ``weights_only=True``.
 
     Args:
-        model: a ReActNet-A (unwrapped) whose state_dict the file must match exactly.
+        model: a model (unwrapped) whose state_dict the file must match exactly.
         path: the checkpoint file.
 
     Returns:
@@ -129,8 +129,17 @@ def load_checkpoint(model, path):
     return checkpoint
 
 
+def title_of(model):
+    """How reports name ``model``: its architecture's title (ReActNet-A when built without a spec)."""
+    return get_architecture(getattr(model, "spec", ModelSpec()).arch).title
+
+
 def model_from_checkpoint(path, step=None):
-    """Builds the ReActNet-A that a checkpoint file holds and loads its weights.
+    """Builds the model that a checkpoint file holds and loads its weights.
+
+    The architecture and binarizers are those the checkpoint names (``arch``, ``act_binarizer``,
+    ``weight_binarizer``); files without the names (the released ones) hold ReActNet-A with the
+    default binarizers.
 
     Args:
         path: any file ``load_checkpoint`` accepts.
@@ -138,11 +147,14 @@ def model_from_checkpoint(path, step=None):
             metadata, or 2 for files without it (the released ones).
 
     Returns:
-        ``(model, step)``, the model on the CPU in training mode.
+        ``(model, step)``, the model on the CPU in training mode; ``model.spec`` says what it is.
     """
     checkpoint = read_checkpoint(path)
     step = step or checkpoint.get("step", 2)
-    model = reactnet(classes_in(checkpoint, path), binary_weights=step == 2)
+    try:
+        model = build_model(ModelSpec.from_checkpoint(checkpoint), classes_in(checkpoint, path), step == 2)
+    except RegistryError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     load_weights(model, checkpoint, path)
     return model, step
 

@@ -5,61 +5,11 @@ checkpoints load strictly and a seeded construction draws the same initial weigh
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .binarize import binarize_activation, binarize_weight
+from .layers import BinaryActivation, BinaryConv2d, GlobalMeanPool, LearnableBias, binary_convs  # noqa: F401
+from .registry import register_architecture
 
 STAGE_WIDTHS = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
-# Five stride-2 stages take the input down by 32: a smaller image leaves no pixel for the last blocks.
-MIN_INPUT_SIZE = 32
-
-
-class LearnableBias(nn.Module):
-    """A per-channel shift, the ``move`` of RSign and RPReLU."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
-
-    def forward(self, x):
-        return x + self.bias
-
-
-class BinaryActivation(nn.Module):
-    """RSign's sign (the preceding LearnableBias is its threshold). A module, so hooks can see
-    the pre-binarization activations and the binarizer can be swapped for comparisons."""
-
-    def forward(self, x):
-        return binarize_activation(x)
-
-
-class BinaryConv2d(nn.Conv2d):
-    """A bias-free convolution that is fed binary activations.
-
-    With ``binary_weights=False`` (step 1) the weights are real; with ``binary_weights=True``
-    (step 2) the forward uses ``binarize_weight(self.weight)`` and the latent weights start as
-    ``uniform[0, 1) * 0.001``, as in the published step-2 model.
-    """
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, binary_weights=False):
-        # Set before nn.Conv2d.__init__, which calls reset_parameters.
-        self.binary_weights = binary_weights
-        self.weight_binarizer = binarize_weight
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
-                         padding=kernel_size // 2, bias=False)
-
-    def reset_parameters(self):
-        if not self.binary_weights:
-            return super().reset_parameters()
-        with torch.no_grad():
-            self.weight.copy_(torch.rand(self.weight.shape) * 0.001)
-
-    def forward(self, x):
-        weight = self.weight_binarizer(self.weight) if self.binary_weights else self.weight
-        return F.conv2d(x, weight, None, self.stride, self.padding)
-
-    def extra_repr(self):
-        return super().extra_repr() + f", binary_weights={self.binary_weights}"
 
 
 class Stem(nn.Module):
@@ -124,15 +74,6 @@ class BasicBlock(nn.Module):
         return self.move23(self.prelu2(self.move22(out2)))
 
 
-class GlobalMeanPool(nn.Module):
-    """``AdaptiveAvgPool2d(1)`` written as a mean over height and width: the same values up to
-    summation order, and a backward that CUDA computes deterministically (adaptive pooling's does
-    not). Used under ``--deterministic`` on GPUs."""
-
-    def forward(self, x):
-        return x.mean(dim=(2, 3), keepdim=True)
-
-
 class ReActNet(nn.Module):
     """ReActNet-A. ``feature[0]`` is the stem, ``feature[1:]`` the 13 binary blocks."""
 
@@ -152,7 +93,18 @@ class ReActNet(nn.Module):
             x = block(x)
         return self.fc(torch.flatten(self.pool1(x), 1))
 
+    def activation_inputs(self):
+        """``(binary conv name, module)`` pairs whose output is what the next binarizer reads: the
+        RSign shifts ``move11`` (before ``binary_3x3``) and ``move21`` (before the 1x1 conv(s),
+        which share one binarized input), for the saturation measurement."""
+        blocks = [(name, block) for name, block in self.named_modules() if isinstance(block, BasicBlock)]
+        return ([(f"{name}.binary_3x3", block.move11) for name, block in blocks]
+                + [(f"{name}.binary_pw", block.move21) for name, block in blocks])
 
+
+# The stem and four widening blocks halve the resolution: the input is taken down by 32.
+@register_architecture("reactnet_a", title="ReActNet-A", downsampling=32, reported_costs={
+    "bops": 4.82e9, "flops": 0.12e8, "ops": 0.87e8, "source": "ReActNet (ECCV 2020), Table 3"})
 def reactnet(num_classes=1000, binary_weights=False):
     """Builds ReActNet-A.
 
@@ -165,8 +117,3 @@ def reactnet(num_classes=1000, binary_weights=False):
         A ``ReActNet`` module.
     """
     return ReActNet(num_classes=num_classes, binary_weights=binary_weights)
-
-
-def binary_convs(model):
-    """(name, module) of every BinaryConv2d in ``model``, in forward order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, BinaryConv2d)]

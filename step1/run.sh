@@ -5,6 +5,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 DATA="${DATA:-/path/to/imagenet}"    # ImageFolder root with train/ and val/
+ARCH="${ARCH:-reactnet_a}"           # registered architecture: reactnet_a, reactnet_18, or a plugin's
 BATCH_SIZE="${BATCH_SIZE:-256}"      # global batch, split over all processes
 LEARNING_RATE="${LEARNING_RATE:-1.25e-3}"
 EPOCHS="${EPOCHS:-256}"

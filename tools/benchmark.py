@@ -1,4 +1,5 @@
-"""Training and data-loading throughput of ReActNet-A: the published binarizers against ours.
+"""Training and data-loading throughput of a network (``--arch``, default ReActNet-A): the published
+binarizers against ours.
 
 For each AdamBNN training step (1: binary activations, 2: binary activations and weights) it times
 full training iterations (training's own step: student forward and backward, teacher forward under
@@ -54,7 +55,7 @@ from tools.bench.report import device_name, render  # noqa: E402
 from tools.bench.jpeg_folder import write_jpeg_folder  # noqa: E402
 from tools.bench.variants import FLAGS, SPEED_FLAGS, parse_variant  # noqa: E402
 from utils.data import BACKENDS  # noqa: E402
-from utils.cli import (OneLineErrorParser, add_device_flag, require_at_least,  # noqa: E402
+from utils.cli import (OneLineErrorParser, add_arch_flag, add_device_flag, require_at_least,  # noqa: E402
                        require_image_size, resolve_device, resolve_workers)
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.runtime import keep_freed_host_memory  # noqa: E402
@@ -68,6 +69,7 @@ def build_parser():
         epilog="Configurations: baseline, fastest, ours, ours+FLAG[+FLAG...] with FLAG among "
                + ", ".join(FLAGS) + " (metrics: the paper's per-iteration flip-flop bookkeeping).")
     add_device_flag(parser)
+    add_arch_flag(parser)
     parser.add_argument("--image_size", type=int, default=64, help="training crop of the synthetic batch")
     parser.add_argument("--batch_size", type=int, default=32, help="images per iteration (and per loader batch)")
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per round")
@@ -120,7 +122,7 @@ def main(argv=None):
     require_at_least(1, {f"--{name}": getattr(args, name) for name in (
         "steps", "warmup", "repeats", "batch_size", "loader_images", "end_to_end_iterations")})
     require_at_least(0, {"--loader_workers": min(args.loader_workers)})
-    require_image_size(args.image_size)
+    require_image_size(args.image_size, arch=args.arch)
     args.end_to_end_workers = resolve_workers(args.end_to_end_workers)
     for name in args.configs + args.end_to_end_configs:
         if name != "fastest":
@@ -153,7 +155,7 @@ def main(argv=None):
                     "keep_freed_host_memory": kept_freed_memory,
                     "load_before": load_before,
                     "load_after": os.getloadavg(), **{k: getattr(args, k) for k in (
-                        "image_size", "batch_size", "num_classes", "teacher", "warmup", "repeats",
+                        "arch", "image_size", "batch_size", "num_classes", "teacher", "warmup", "repeats",
                         "steps", "loader_images", "loader_image_size", "end_to_end_workers",
                         "end_to_end_iterations")}},
         "memory_notes": memory.NOTES,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from models.binarize import binarize_weight
 from models.checkpoint import model_from_checkpoint
-from models.published import use_published_binarizers
+from models.registry import get_architecture, set_binarizers
 from models.reactnet import BasicBlock, Stem, binary_convs
 from tools.lce.timing import latency_ms
 from utils.cli import (OneLineErrorParser, add_unreadable_flag, add_workers_flag, require_at_least,
@@ -306,7 +306,7 @@ def torch_latency(model, exported, image_size, threads, runs):
     try:
         return {name: latency_ms(lambda: m(image), runs) for name, m in
                 (("pytorch_binarized_once", exported),
-                 ("published_forward", use_published_binarizers(copy.deepcopy(model)).eval()))}
+                 ("published_forward", set_binarizers(copy.deepcopy(model), "published", "published").eval()))}
     finally:
         torch.set_num_threads(previous)
 
@@ -455,6 +455,25 @@ def print_summary(s):
           f"state_dict")
 
 
+# What the export maps to LCE operators: ReActNet-A's topology, sign activations, and weights as
+# per-channel mean-|W| scaled signs. Binarizers outside these sets may compute other values.
+EXPORTABLE_ARCHS = ("reactnet_a",)
+SIGN_ACT_BINARIZERS = ("polynomial", "ste", "published")
+SCALED_SIGN_WEIGHT_BINARIZERS = ("scaled_sign", "published")
+
+
+def check_exportable(spec, path):
+    """A UserError, in one line, for a model the export does not map."""
+    if spec.arch not in EXPORTABLE_ARCHS:
+        raise UserError(f"{path} holds a {get_architecture(spec.arch).title} (--arch {spec.arch}): the "
+                        f"LCE export maps only ReActNet-A's topology ({', '.join(EXPORTABLE_ARCHS)})")
+    if spec.act_binarizer not in SIGN_ACT_BINARIZERS or spec.weight_binarizer not in SCALED_SIGN_WEIGHT_BINARIZERS:
+        raise UserError(f"{path} was trained with --act_binarizer {spec.act_binarizer} --weight_binarizer "
+                        f"{spec.weight_binarizer}: the LCE export maps only sign activations "
+                        f"({', '.join(SIGN_ACT_BINARIZERS)}) and scaled sign weights "
+                        f"({', '.join(SCALED_SIGN_WEIGHT_BINARIZERS)})")
+
+
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
@@ -466,6 +485,7 @@ def main(argv=None):
     if step != 2:
         raise UserError(f"{args.checkpoint} is a step-{step} checkpoint (real-valued weights): only a "
                         f"step-2 model has binary weights to run as bits; pass step 2's checkpoint")
+    check_exportable(model.spec, args.checkpoint)
     model.eval()
     dataset = open_split(args.data, "val", args.image_size, num_classes=model.fc.out_features)
     try:

@@ -1,5 +1,5 @@
-"""Loss landscape of a ReActNet-A checkpoint, as in Li et al. 2018 ("Visualizing the Loss Landscape
-of Neural Nets") and the AdamBNN paper's figure 1.
+"""Loss landscape of a checkpoint (of the architecture it names), as in Li et al. 2018 ("Visualizing
+the Loss Landscape of Neural Nets") and the AdamBNN paper's figure 1.
 
 The weights move along one or two random Gaussian directions, each filter-normalised: every filter
 (output channel of a conv, output row of fc) of a direction is rescaled to the norm of the same
@@ -214,6 +214,7 @@ def main(argv=None):
     check_args(args)
     device = resolve_device(args.device)
     model, step = model_from_checkpoint(args.checkpoint, args.step)
+    require_image_size(args.image_size, arch=model.spec.arch)
     model.to(device).eval()
     dataset = open_split(args.data, "train", args.image_size, train=False,
                          num_classes=model.fc.out_features)

@@ -1,21 +1,23 @@
-"""Prints the per-layer cost of ReActNet-A and its BOPs, FLOPs, OPs, parameters and size.
+"""Prints the per-layer cost of a network and its BOPs, FLOPs, OPs, parameters and size.
 
 Run from the repository root:
 
     python -m tools.summary --image_size 224                 # step-2 network, 1000 classes
     python -m tools.summary --step 1                         # binary activations, real weights
+    python -m tools.summary --arch reactnet_18               # another registered architecture
     python -m tools.summary --checkpoint step2/models/model_best.pth.tar
 
-With --checkpoint, the step comes from the checkpoint's metadata (2 for released files) and the
-number of classes from its fc layer; the weights are loaded strictly, so a file that does not fit
-is reported. The counts themselves depend only on the architecture and the image size.
+With --checkpoint, the architecture and the step come from the checkpoint's metadata (ReActNet-A and
+step 2 for released files) and the number of classes from its fc layer; the weights are loaded strictly, so a file that does not fit
+is reported. The counts themselves depend only on the architecture and the image size. At 224x224
+the architecture's figures as its paper reports them are printed below ours.
 """
 import argparse
 
-from models import reactnet
-from models.checkpoint import model_from_checkpoint
+from models import ModelSpec, registry
+from models.checkpoint import model_from_checkpoint, title_of
 from models.ops import BOPS_PER_OP, count_ops
-from utils.cli import OneLineErrorParser, require_image_size, require_positive
+from utils.cli import OneLineErrorParser, add_arch_flag, require_image_size, require_positive
 from utils.errors import report_user_errors
 
 DEFAULT_NUM_CLASSES = 1000
@@ -30,6 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--step", type=int, choices=[1, 2], default=None,
                         help="1: real weights, 2: binary weights (default: from the checkpoint, else 2)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint file (ours or released)")
+    add_arch_flag(parser, help_default=f"{ModelSpec.arch}; with --checkpoint, the checkpoint's")
     return parser.parse_args(argv)
 
 
@@ -39,13 +42,15 @@ def build_model(args):
     Returns:
         (model, step).
     """
-    require_image_size(args.image_size)
     if args.num_classes is not None:
         require_positive({"--num_classes": args.num_classes})
     if args.checkpoint:
-        return model_from_checkpoint(args.checkpoint, args.step)
-    step = args.step or 2
-    return reactnet(args.num_classes or DEFAULT_NUM_CLASSES, binary_weights=step == 2), step
+        model, step = model_from_checkpoint(args.checkpoint, args.step)
+    else:
+        step = args.step or 2
+        model = registry.build_model(ModelSpec(arch=args.arch), args.num_classes or DEFAULT_NUM_CLASSES, step == 2)
+    require_image_size(args.image_size, arch=model.spec.arch)
+    return model, step
 
 
 def format_table(layers):
@@ -77,15 +82,25 @@ def format_totals(counts):
     ])
 
 
+def format_reported(architecture):
+    """The paper's BOPs, FLOPs and OPs of ``architecture`` at 224x224, labelled as reported."""
+    costs = architecture.reported_costs
+    return (f"paper:  BOPs {costs['bops']:.3g}, FLOPs {costs['flops']:.3g}, OPs {costs['ops']:.3g} "
+            f"at 224x224 (reported by {costs['source']})")
+
+
 @report_user_errors
 def main(argv=None):
     args = parse_args(argv)
     model, step = build_model(args)
     counts = count_ops(model, args.image_size)
-    print(f"ReActNet-A, step {step} ({'binary' if step == 2 else 'real'} weights), "
+    print(f"{title_of(model)}, step {step} ({'binary' if step == 2 else 'real'} weights), "
           f"{model.fc.out_features} classes, {args.image_size}x{args.image_size} input")
     print(format_table(counts["layers"]))
     print(format_totals(counts))
+    architecture = registry.get_architecture(model.spec.arch)
+    if args.image_size == 224 and step == 2 and architecture.reported_costs:
+        print(format_reported(architecture))
     return counts
 
 

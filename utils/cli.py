@@ -4,7 +4,8 @@ import os
 
 import torch
 
-from models import MIN_INPUT_SIZE
+from models import ModelSpec
+from models.registry import ACT_BINARIZERS, ARCHITECTURES, WEIGHT_BINARIZERS, get_architecture
 
 from .errors import UserError
 
@@ -77,8 +78,28 @@ def require_share(flag, value):
         raise UserError(f"{flag} must be in [0, 1), got {value}")
 
 
-def require_image_size(size, flag="--image_size"):
-    """A UserError if ReActNet-A cannot take ``size`` x ``size`` images."""
-    if size < MIN_INPUT_SIZE:
-        raise UserError(f"{flag} {size} is too small: ReActNet-A downsamples by 32, use at least "
-                        f"{MIN_INPUT_SIZE}")
+def require_image_size(size, flag="--image_size", arch=ModelSpec.arch):
+    """A UserError if the architecture ``arch`` cannot take ``size`` x ``size`` images."""
+    architecture = get_architecture(arch)
+    if size < architecture.downsampling:
+        raise UserError(f"{flag} {size} is too small: {architecture.title} downsamples by "
+                        f"{architecture.downsampling}, use at least {architecture.downsampling}")
+
+
+def add_arch_flag(parser, default=ModelSpec.arch, help_default=None):
+    parser.add_argument("--arch", default=default,
+                        help=f"architecture registered in models/ (built in: {', '.join(sorted(ARCHITECTURES))}; "
+                             f"more through BNN_PLUGINS) (default: {help_default or default})")
+
+
+def add_model_flags(parser):
+    """``--arch``, ``--act_binarizer``, ``--weight_binarizer`` of the train scripts. They default to
+    None: resolved from the checkpoint when there is one to continue from, else to ModelSpec's."""
+    from_checkpoint = "from the checkpoint resumed or started from, else {}"
+    add_arch_flag(parser, None, from_checkpoint.format(ModelSpec.arch))
+    parser.add_argument("--act_binarizer", default=None,
+                        help=f"activation binarizer (built in: {', '.join(sorted(ACT_BINARIZERS))}; "
+                             f"default: {from_checkpoint.format(ModelSpec.act_binarizer)})")
+    parser.add_argument("--weight_binarizer", default=None,
+                        help=f"weight binarizer of step 2 (built in: {', '.join(sorted(WEIGHT_BINARIZERS))}; "
+                             f"default: {from_checkpoint.format(ModelSpec.weight_binarizer)})")

@@ -4,6 +4,7 @@ import os
 import sys
 
 from models import CheckpointError
+from models.registry import RegistryError
 
 
 class UserError(Exception):
@@ -11,7 +12,8 @@ class UserError(Exception):
 
 
 def report_user_errors(main):
-    """Runs ``main``; a UserError or CheckpointError becomes one line on stderr and exit status 2.
+    """Runs ``main``; a UserError, CheckpointError or RegistryError becomes one line on stderr and
+    exit status 2.
 
     Under torchrun every rank meets the same error; only rank 0 prints it.
     """
@@ -20,7 +22,7 @@ def report_user_errors(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (UserError, CheckpointError) as e:
+        except (UserError, CheckpointError, RegistryError) as e:
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)

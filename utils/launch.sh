@@ -6,6 +6,7 @@ flags=(--data "$DATA" --batch_size "$BATCH_SIZE" --learning_rate "$LEARNING_RATE
        --image_size "$IMAGE_SIZE" --seed "$SEED" --save "$SAVE")
 if [ -n "$TEACHER_WEIGHTS" ]; then flags+=(--teacher_weights "$TEACHER_WEIGHTS"); fi
 if [ -n "$WORKERS" ]; then flags+=(--workers "$WORKERS"); fi
+if [ -n "$ARCH" ]; then flags+=(--arch "$ARCH"); fi
 flags+=("${STEP_FLAGS[@]}")   # what only this step takes
 
 if [ -z "$NGPUS" ]; then

@@ -11,6 +11,8 @@
   printed values; this correlation does.)
 - Activation saturation: the share of pre-binarization activations with ``|x| > 1``, where the
   activation's surrogate gradient is zero, per binary conv, on the first batches of each epoch.
+  Read where the model's ``activation_inputs()`` says (ReActNet-A: its RSign shifts), else at the
+  input of every BinaryActivation module.
 - CAM: the channel-wise absolute mean of each binary conv's latent weights, as histograms, with
   histograms of the latent weights themselves.
 
@@ -22,7 +24,7 @@ import os
 
 import torch
 
-from models.reactnet import BasicBlock, binary_convs
+from models.layers import BinaryActivation, binary_convs
 
 
 def sign_int8(weight):
@@ -30,17 +32,14 @@ def sign_int8(weight):
 
 
 class PaperMetrics:
-    """Flip-flop ratio, C2I and saturation of one ReActNet-A, accumulated per epoch."""
+    """Flip-flop ratio, C2I and saturation of one binary network, accumulated per epoch."""
 
     def __init__(self, model, initial_signs=None, saturation_batches=2):
         self.layers = binary_convs(model)
         self.initial_signs = initial_signs or {name: sign_int8(conv.weight) for name, conv in self.layers}
         self.saturation_batches = saturation_batches
         self.negative = None  # sign bits of the latent weights after the last optimizer step
-        self.activation_inputs = [(f"{name}.binary_3x3", block.move11) for name, block in model.named_modules()
-                                  if isinstance(block, BasicBlock)]
-        self.activation_inputs += [(f"{name}.binary_pw", block.move21) for name, block in model.named_modules()
-                                   if isinstance(block, BasicBlock)]
+        self.activation_inputs = activation_inputs(model)
         self.start_epoch()
 
     def start_epoch(self):
@@ -92,6 +91,14 @@ class PaperMetrics:
         }
 
 
+def activation_inputs(model):
+    """``(name, module)`` pairs where the activations about to be binarized are read: the output of
+    the modules that the model's ``activation_inputs()`` names, else the input of each BinaryActivation."""
+    if hasattr(model, "activation_inputs"):
+        return model.activation_inputs()
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, BinaryActivation)]
+
+
 class _NoHooks:
     def __enter__(self):
         return self
@@ -106,9 +113,10 @@ class _SaturationHooks:
 
     def record(self, name):
         def hook(module, inputs, output):
+            values = inputs[0] if isinstance(module, BinaryActivation) else output
             counts = self.metrics.saturated[name]
-            counts[0] += (output.detach().abs() > 1).sum().item()
-            counts[1] += output.numel()
+            counts[0] += (values.detach().abs() > 1).sum().item()
+            counts[1] += values.numel()
         return hook
 
     def __enter__(self):

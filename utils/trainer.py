@@ -14,12 +14,12 @@ import warnings
 import torch
 import torch.nn as nn
 
-from models import load_checkpoint, reactnet
-from models.reactnet import GlobalMeanPool
-from models.checkpoint import load_weights, read_checkpoint
+from models import ModelSpec, build_model
+from models.checkpoint import load_weights, read_checkpoint, title_of
+from models.layers import use_deterministic_pooling
 
 from . import distributed, recipe, run_folder
-from .cli import resolve_workers
+from .cli import require_image_size, resolve_workers
 from .data import SeededSampler, make_loader, on_device, open_split
 from .distill import build_teacher
 from .errors import UserError, report_user_errors
@@ -32,6 +32,10 @@ from .signals import StopSignals, Stopped
 from .training_flags import build_parser, fill_defaults, step1_checkpoint, validate
 from .training_step import NonFiniteLoss, TrainingStep
 
+
+# Flags that say which model is trained: taken from the checkpoint a run resumes (all three) or
+# that step 2 starts from (the architecture, whose weights must fit; the binarizers by default).
+MODEL_FLAGS = ("arch", "act_binarizer", "weight_binarizer")
 
 # Flags whose change makes another experiment: a resume with other values is refused unless asked
 # for. The others (workers, printing, device, speed flags...) may change between runs.
@@ -81,9 +85,13 @@ class Trainer:
         self.data = TrainingData(args, self.ctx)
         self.num_classes = self.data.num_classes
 
-        self.student = reactnet(self.num_classes, binary_weights=recipe.STEPS[step].binary_weights)
+        self.resume_path = os.path.join(self.save_dir, run_folder.LAST)
+        self.resume_state = self.start_state = None  # the checkpoints read to resume or start from
+        self.spec = self.resolve_spec()
+        require_image_size(args.image_size, arch=self.spec.arch)
+        self.student = build_model(self.spec, self.num_classes, recipe.STEPS[step].binary_weights)
         if args.deterministic and self.device.type == "cuda":
-            self.student.pool1 = GlobalMeanPool()
+            use_deterministic_pooling(self.student)
         self.student.to(self.device)
         if args.channels_last:
             self.student.to(memory_format=torch.channels_last)
@@ -142,21 +150,37 @@ class Trainer:
             model = torch.compile(model, backend=self.args.compile)
         return model
 
+    def resolve_spec(self):
+        """The model this run trains: the flags in MODEL_FLAGS as given, else as recorded in the
+        checkpoint resumed (or started from), else the defaults; reads that checkpoint once."""
+        args, start_from = self.args, step1_checkpoint(self.args)
+        saved, source, fixed = ModelSpec(), None, ()
+        if os.path.exists(self.resume_path):
+            self.resume_state = read_checkpoint(self.resume_path)
+            saved, source, fixed = ModelSpec.from_checkpoint(self.resume_state), self.resume_path, MODEL_FLAGS
+        elif start_from is not None:
+            if not os.path.isfile(start_from):
+                raise UserError(f"no step-1 checkpoint at {start_from}: run step 1 first (bash "
+                                f"step1/run.sh) or pass --step1_checkpoint PATH (or 'none' to train "
+                                f"step 2 from scratch)")
+            self.start_state = read_checkpoint(start_from)
+            saved, source, fixed = ModelSpec.from_checkpoint(self.start_state), start_from, ("arch",)
+        for flag in MODEL_FLAGS:
+            given, recorded = getattr(args, flag), getattr(saved, flag)
+            if given is not None and flag in fixed and given != recorded:
+                raise UserError(f"{source} holds a model with --{flag} {recorded}, not {given}: drop "
+                                f"--{flag} to continue it, or pass a new --save")
+            setattr(args, flag, given or recorded)
+        return ModelSpec(**{flag: getattr(args, flag) for flag in MODEL_FLAGS})
+
     def restore_or_initialise(self):
         """Resumes the run folder's checkpoint if there is one, else starts step 2 from step 1."""
-        resume_path = os.path.join(self.save_dir, run_folder.LAST)
-        start_from = step1_checkpoint(self.args)
-        if os.path.exists(resume_path):
-            self.resume(resume_path)
-        elif start_from is not None:
-            self.initialise_from(start_from)
-
-    def initialise_from(self, path):
-        if not os.path.isfile(path):
-            raise UserError(f"no step-1 checkpoint at {path}: run step 1 first (bash step1/run.sh) "
-                            f"or pass --step1_checkpoint PATH (or 'none' to train step 2 from scratch)")
-        load_checkpoint(self.student, path)
-        self.log(f"=> initialised from step-1 weights {path}")
+        if self.resume_state is not None:
+            self.resume(self.resume_path, self.resume_state)
+        elif self.start_state is not None:
+            path = step1_checkpoint(self.args)
+            load_weights(self.student, self.start_state, path)
+            self.log(f"=> initialised from step-1 weights {path}")
 
     def state_dict(self):
         return {
@@ -173,10 +197,10 @@ class Trainer:
             "rng": run_folder.rng_state(),
             "initial_signs": self.initial_signs,
             "flag_changes": self.flag_changes,
+            **self.spec.as_dict(),
         }
 
-    def resume(self, path):
-        state = read_checkpoint(path)
+    def resume(self, path, state):
         if state.get("step") != self.step or state.get("num_classes") != self.num_classes:
             made_by = (f"step {state.get('step')} with {state.get('num_classes')} classes"
                        if "step" in state else "something other than this repository's training")
@@ -343,7 +367,7 @@ def main(step):
 
 def train(args, step):
     trainer = Trainer(args, step)
-    trainer.log(f"=> step {step}: ReActNet-A, {trainer.num_classes} classes, "
+    trainer.log(f"=> step {step}: {title_of(trainer.student)}, {trainer.num_classes} classes, "
                 f"{len(trainer.data.train_set)} train / {len(trainer.data.val_set)} val images, "
                 f"{trainer.ctx.world_size} process(es) on {trainer.device}")
     try:

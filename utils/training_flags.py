@@ -6,8 +6,10 @@ existing scripts carry over. Defaults come from the recipe (utils/recipe.py).
 import os
 
 from . import recipe
-from .cli import (OneLineErrorParser, add_device_flag, add_unreadable_flag, add_workers_flag,
-                  require_at_least, require_image_size, require_positive, require_share)
+from models import ModelSpec
+
+from .cli import (OneLineErrorParser, add_device_flag, add_model_flags, add_unreadable_flag,
+                  add_workers_flag, require_at_least, require_image_size, require_positive, require_share)
 from .data import BACKENDS
 from .errors import UserError
 
@@ -26,9 +28,10 @@ def build_parser(step):
     """The flags of AdamBNN step ``step`` (1 or 2); step 2 adds ``--step1_checkpoint``."""
     step_recipe = recipe.STEPS[step]
     parser = OneLineErrorParser(
-        description=f"AdamBNN step {step}: train ReActNet-A with {step_recipe.description} by "
-                    f"distillation from a real-valued teacher.")
+        description=f"AdamBNN step {step}: train a binary network (ReActNet-A by default) with "
+                    f"{step_recipe.description} by distillation from a real-valued teacher.")
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
+    add_model_flags(parser)
     parser.add_argument("--batch_size", type=int, default=recipe.BATCH_SIZE,
                         help="global batch size (all processes)")
     parser.add_argument("--epochs", type=int, default=recipe.EPOCHS)
@@ -96,7 +99,7 @@ def validate(args, world_size=1):
     if args.workers is not None:
         require_at_least(0, {"--workers": args.workers})
     require_share("--max_unreadable_share", args.max_unreadable_share)
-    require_image_size(args.image_size)
+    require_image_size(args.image_size, arch=args.arch or ModelSpec.arch)
     if args.batch_size % world_size:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide among "
                         f"{world_size} processes: use a multiple of {world_size}")

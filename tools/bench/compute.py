@@ -8,10 +8,10 @@ import time
 import torch
 import torchvision
 
-from models import reactnet
+from models import ModelSpec, build_model
 from models.ops import trace_layers
-from models.published import use_published_binarizers
-from models.reactnet import GlobalMeanPool
+from models.layers import use_deterministic_pooling
+from models.registry import set_binarizers
 from utils import recipe
 from utils.monitor import PaperMetrics
 from utils.optim import build_optimizer
@@ -39,11 +39,11 @@ class TrainingRun:
         self.amp = "bf16" if variant.bf16 else "none"
         self.student = copy.deepcopy(student)
         if variant.published:
-            use_published_binarizers(self.student)
+            set_binarizers(self.student, "published", "published")
         if variant.channels_last:
             self.student.to(memory_format=torch.channels_last)
         if variant.deterministic and device.type == "cuda":
-            self.student.pool1 = GlobalMeanPool()  # as --deterministic trains
+            use_deterministic_pooling(self.student)  # as --deterministic trains
         self.teacher = teachers[variant.channels_last, variant.compile]
         self.images = to_device(images, device, variant.channels_last)
         self.optimizer = build_optimizer(self.student, recipe.LEARNING_RATES["adam"], weight_decay,
@@ -117,7 +117,7 @@ class RecipeStepBenchmark:
     def __init__(self, args, step, device, log):
         self.args, self.step, self.device, self.log = args, step, device, log
         torch.manual_seed(args.seed)
-        self.student = reactnet(args.num_classes, binary_weights=step == 2).to(device)
+        self.student = build_model(ModelSpec(arch=args.arch), args.num_classes, step == 2).to(device)
         teacher = torchvision.models.get_model(args.teacher, weights=None, num_classes=args.num_classes)
         teacher = teacher.to(device).eval().requires_grad_(False)
         nhwc = copy.deepcopy(teacher).to(memory_format=torch.channels_last)

@@ -5,6 +5,9 @@ import platform
 
 import torch
 
+from models import ModelSpec
+from models.registry import get_architecture
+
 from .compute import SLOW_FACTOR
 from .memory import NOTES
 
@@ -37,7 +40,7 @@ def _ratio(value):
 def render(report):
     """The report as markdown."""
     meta = report["machine"]
-    lines = ["# ReActNet-A training benchmark",
+    lines = [f"# {get_architecture(meta.get('arch', ModelSpec.arch)).title} training benchmark",
              "",
              f"- device: {meta['device']}; torch {meta['torch']}; threads: {meta['threads']}; "
              f"OMP_WAIT_POLICY: {meta['omp_wait_policy']}; freed host memory kept for reuse: "
