@@ -15,7 +15,17 @@ import torch
 from .registry import register_act_binarizer, register_weight_binarizer
 
 
-class SignWithPolynomialGrad(torch.autograd.Function):
+class SavedSign(torch.autograd.Function):
+    """``sign(x)`` forward (``torch.sign``, so 0 maps to 0), keeping ``x`` for a surrogate backward
+    that subclasses define."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sign(x)
+
+
+class SignWithPolynomialGrad(SavedSign):
     """Binary activation of Bi-Real Net / ReActNet (Liu et al., ECCV 2018 and ECCV 2020).
 
     Forward:  ``y = sign(x)`` (``torch.sign``, so 0 maps to 0).
@@ -25,11 +35,6 @@ class SignWithPolynomialGrad(torch.autograd.Function):
     ``dy/dx = 2 + 2x`` on ``[-1, 0)``, ``2 - 2x`` on ``[0, 1)`` and 0 elsewhere, which is
     ``max(0, 2 - 2|x|)`` everywhere (it is 0 at ``|x| = 1`` and 2 at ``x = 0``).
     """
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sign(x)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -60,7 +65,7 @@ class ScaledSignWithClipGrad(torch.autograd.Function):
         return grad_output * (weight.abs() <= 1)
 
 
-class SignWithClipGrad(torch.autograd.Function):
+class SignWithClipGrad(SavedSign):
     """The straight-through sign of BinaryNet (Hubara, Courbariaux et al., NeurIPS 2016,
     "Binarized Neural Networks"), for activations and for weights alike.
 
@@ -69,11 +74,6 @@ class SignWithClipGrad(torch.autograd.Function):
     Backward: the gradient passes where ``|x| <= 1`` and is cancelled elsewhere, i.e. the
     derivative of ``clamp(x, -1, 1)`` ("hard tanh"): ``dy/dx = 1`` on ``[-1, 1]``, 0 outside.
     """
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.sign(x)
 
     @staticmethod
     def backward(ctx, grad_output):
