@@ -94,10 +94,12 @@ def test_table_from_metrics_files(tmp_path):
     assert float(a["mean flip-flop"]) == pytest.approx((0.004 + 0.002 + 0.003) / 3, rel=1e-3)
     assert a["final C2I"] == "0.6250"
     assert a["saturation (%)"] == "23.8"
-    assert a["saturation feature.1.binary_3x3 (%)"] == "50.0"
+    assert a["saturation, first binary layer (%)"] == "50.0"
+    assert a["paper acc@1 (%, reported)"] == "63.23"
 
     s = rows[1]
     assert (s["optimizer"], s["weight decay"], s["final acc@1 (%)"]) == ("sgd", "5e-6 -> 0", "30.00")
+    assert s["paper acc@1 (%, reported)"] == "61.25"
     assert s["mean flip-flop"] == s["final C2I"] == s["saturation (%)"] == "n/a"
 
 
@@ -121,7 +123,7 @@ def test_a_non_positive_learning_rate_is_one_line_error(tmp_path, capsys):
                            capsys)
     assert line.startswith("error: --sgd_learning_rate must be positive")
 
-def test_end_to_end_two_step_run_then_skip(tmp_path, capsys, monkeypatch):
+def test_end_to_end_two_step_run_of_reactnet18_then_skip(tmp_path, capsys, monkeypatch):
     # The tool runs in this process (saving an interpreter start); the train scripts are subprocesses.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = write_image_folder(tmp_path / "data", {"train": 4, "val": 2}, num_classes=2)
@@ -133,7 +135,7 @@ def test_end_to_end_two_step_run_then_skip(tmp_path, capsys, monkeypatch):
     # 2 epochs per step: epoch 0 of each step updates the weights (at lr / 2), epoch 1 runs at 0.
     args = ["--data", data, "--out", str(out), "--epochs", "2", "--batch_size", "8", "--image_size", "32",
             "-j", "0", "--teacher", "resnet18", "--teacher_weights", str(teacher), "--only", config.name,
-            "--", "--device", "cpu"]
+            "--arch", "reactnet_18", "--", "--device", "cpu"]
 
     main(args)
     first = capsys.readouterr().out
@@ -142,6 +144,7 @@ def test_end_to_end_two_step_run_then_skip(tmp_path, capsys, monkeypatch):
     step2_log = (out / "runs" / config.name / "log.txt").read_text()
     assert f"initialised from step-1 weights {step1_best}" in step2_log
     report = (out / "ablation.md").read_text()
+    assert report.startswith(f"# AdamBNN ablation: ReActNet-18 trained on {data}, 2 epochs per step\n")
     printed = table(CONFIGS, str(out / "runs"))
     assert printed in report and printed in first
     _, rows = parse_table(printed)
@@ -151,9 +154,11 @@ def test_end_to_end_two_step_run_then_skip(tmp_path, capsys, monkeypatch):
     # C2I of step 2: sign agreement of its final binary weights with the step-1 weights it started
     # from, computed here from the two checkpoint files.
     start = torch.load(step1_best, weights_only=True)["state_dict"]
-    end = torch.load(out / "runs" / config.name / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+    last = torch.load(out / "runs" / config.name / "checkpoint.pth.tar", weights_only=True)
+    assert last["arch"] == torch.load(step1_best, weights_only=True)["arch"] == "reactnet_18"
+    end = last["state_dict"]
     binary = [k for k in start if ".binary_" in k]
-    assert len(binary) == 13 + 8 + 5 * 2
+    assert len(binary) == 16  # one binary 3x3 conv per ReActNet-18 block
     differing = sum((torch.sign(start[k]) != torch.sign(end[k])).sum().item() for k in binary)
     c2i = 1 - 2 * differing / sum(start[k].numel() for k in binary)
     assert c2i < 0.9999  # the weights moved: the table cannot show 1.0000
