@@ -109,3 +109,24 @@ def test_low_precision_logits(dtype):
     for k, count in zip((1, 5), as_ints(topk_correct(logits, target))):
         low, high = brute_force_bounds(logits.float(), target, k)
         assert low <= count <= high
+
+
+def test_named_meters_print_in_order_and_average_by_name():
+    from utils.meters import Meters
+    meters = Meters(loss=("Loss", ":.2f"), top1=("Acc@1", ":.1f"))
+    meters["loss"].update(2.0, 1)
+    meters["loss"].update(1.0, 3)
+    meters["top1"].update(50.0, 4)
+    assert [str(m) for m in meters] == ["Loss 1.00 (1.25)", "Acc@1 50.0 (50.0)"]
+    assert meters.averages("top1", "loss") == {"top1": 50.0, "loss": 1.25}
+
+
+def test_totals_add_by_name_in_one_tensor():
+    from utils.meters import Totals
+    totals = Totals(("loss", "correct", "seen", "skipped"), torch.device("cpu"))
+    totals.add("skipped", 2)
+    batch = totals.add_batch(loss=torch.tensor(3.5), correct=torch.tensor(4), seen=8)
+    assert batch == {"loss": 3.5, "correct": 4.0, "seen": 8.0}
+    totals.add_batch(loss=torch.tensor(0.25), seen=2)
+    assert totals.tensor.dtype == torch.float64 and totals.tensor.shape == (4,)
+    assert totals.as_dict() == {"loss": 3.75, "correct": 4.0, "seen": 10.0, "skipped": 2.0}

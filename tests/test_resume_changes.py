@@ -52,3 +52,22 @@ def test_another_optimizer_cannot_continue_even_on_request(one_epoch, tiny_data,
     args = train_args(tiny_data, teacher_weights, one_epoch, "--optimizer", "sgd", "--resume_with_changes")
     line = single_error_line(run_script("step1/train.py", *args))
     assert "--optimizer adam" in line and "new --save" in line
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_scheduler_and_resume_with_changes_share_one_schedule_function(tiny_data, teacher_weights, tmp_path,
+                                                                        monkeypatch):
+    # Another schedule written in the one place: the scheduler and a resume that changes --epochs
+    # must both follow it.
+    import utils.optim
+    from utils.trainer import Trainer
+    from utils.training_flags import build_parser, fill_defaults
+    monkeypatch.setattr(utils.optim, "learning_rate_factor", lambda steps, epochs: 0.5 ** steps / epochs)
+    flags = [str(a) for a in train_args(tiny_data, teacher_weights, str(tmp_path / "run"), epochs=4)]
+    trainer = Trainer(fill_defaults(build_parser(1).parse_args(flags)), 1)
+    trainer.scheduler.step()
+    trainer.scheduler.step()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(LR * 0.25 / 4)
+    trainer.args.epochs = 8
+    trainer.apply_changes({"epochs": (4, 8)})
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([LR * 0.25 / 8] * 2)

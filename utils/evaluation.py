@@ -8,7 +8,7 @@ from . import distributed
 from .cli import MAX_UNREADABLE_SHARE
 from .data import on_device
 from .errors import UserError
-from .meters import AverageMeter, ProgressMeter, topk_correct
+from .meters import Meters, ProgressMeter, Totals, topk_correct
 from .runtime import autocast
 
 
@@ -23,41 +23,42 @@ def evaluate(model, loader, device, amp="none", channels_last=False, log=print, 
     with a warning; a batch with more than ``max_unreadable_share`` of them stops the evaluation.
     """
     model.eval()
-    # loss, correct@1, correct@5, readable count, unreadable count
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    meters = [AverageMeter("Time", ":6.3f"), AverageMeter("Loss", ":.4e"),
-              AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")]
+    totals = Totals(("loss", "correct1", "correct5", "readable", "unreadable"), device)
+    meters = Meters(time=("Time", ":6.3f"), loss=("Loss", ":.4e"), top1=("Acc@1", ":6.2f"),
+                    top5=("Acc@5", ":6.2f"))
     progress = ProgressMeter(len(loader), meters, prefix="Test: ")
     end = time.time()
     for i, (batch, images) in enumerate(on_device(loader, device, channels_last)):
         check_unreadable(batch.unreadable, len(batch), max_unreadable_share, log)
-        sums[4] += len(batch.unreadable)
+        totals.add("unreadable", len(batch.unreadable))
         if images is None:
             continue
         target = batch.target.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(images)
         loss = nn.functional.cross_entropy(logits.float(), target, reduction="sum")
-        batch = torch.stack([loss.double(), *[c.double() for c in topk_correct(logits, target)],
-                             torch.tensor(len(target), dtype=torch.float64, device=device)])
-        sums[:4] += batch
-        loss_sum, c1, c5, n = batch.tolist()
-        for meter, value in zip(meters, [time.time() - end, loss_sum / n, 100 * c1 / n, 100 * c5 / n]):
-            meter.update(value, n)
+        correct1, correct5 = topk_correct(logits, target)
+        sums = totals.add_batch(loss=loss, correct1=correct1, correct5=correct5, readable=len(target))
+        n = sums["readable"]
+        meters["time"].update(time.time() - end, n)
+        meters["loss"].update(sums["loss"] / n, n)
+        meters["top1"].update(100 * sums["correct1"] / n, n)
+        meters["top5"].update(100 * sums["correct5"] / n, n)
         if print_freq and (i % print_freq == 0 or i == len(loader) - 1):
             log(progress.line(i))
         end = time.time()
     if ctx is not None:
-        distributed.all_reduce_sum(sums, ctx)
-    loss_sum, c1, c5, n, excluded = sums.tolist()
+        distributed.all_reduce_sum(totals.tensor, ctx)
+    sums = totals.as_dict()
+    n, excluded = sums["readable"], sums["unreadable"]
     if n == 0:
         raise UserError("no readable validation image: check the val/ folder")
-    top1, top5 = 100 * c1 / n, 100 * c5 / n
+    top1, top5 = 100 * sums["correct1"] / n, 100 * sums["correct5"] / n
     log(f" * acc@1 {top1:.3f} acc@5 {top5:.3f}")
     if excluded:
         log(f" * {excluded:.0f} unreadable of {n + excluded:.0f} validation images excluded from "
             f"these accuracies")
-    return {"loss": loss_sum / n, "top1": top1, "top5": top5, "unreadable": int(excluded)}
+    return {"loss": sums["loss"] / n, "top1": top1, "top5": top5, "unreadable": int(excluded)}
 
 
 def check_unreadable(unreadable, readable, max_share, log):

@@ -2,6 +2,7 @@
 import datetime
 import time
 
+import torch
 
 
 class AverageMeter:
@@ -19,6 +20,50 @@ class AverageMeter:
 
     def __str__(self):
         return ("{name} {val" + self.fmt + "} ({avg" + self.fmt + "})").format(**self.__dict__)
+
+
+class Meters:
+    """AverageMeters by name, printed in the order given.
+
+    ``Meters(loss=("Loss", ":.4e"), top1=("Acc@1", ":6.2f"))`` prints ``Loss ... Acc@1 ...``;
+    ``meters["loss"].update(value, n)``; ``meters.averages("loss", "top1")`` gives a dict.
+    """
+
+    def __init__(self, **labels):
+        self.meters = {name: AverageMeter(label, fmt) for name, (label, fmt) in labels.items()}
+
+    def __getitem__(self, name):
+        return self.meters[name]
+
+    def __iter__(self):
+        return iter(self.meters.values())
+
+    def averages(self, *names):
+        return {name: self.meters[name].avg for name in names}
+
+
+class Totals:
+    """Named float64 sums kept in one tensor on the device, so a distributed run adds them over
+    processes in one all-reduce and a batch's values reach the host in one transfer."""
+
+    def __init__(self, names, device):
+        self.names = tuple(names)
+        self.tensor = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+
+    def add(self, name, value):
+        """Adds a host number to one sum, without a device synchronisation."""
+        self.tensor[self.names.index(name)] += value
+
+    def add_batch(self, **values):
+        """Adds one value (tensor or number) per name given; returns them as host floats by name."""
+        device = self.tensor.device
+        named = [n for n in self.names if n in values]
+        batch = torch.stack([torch.as_tensor(values[n], device=device).double() for n in named])
+        self.tensor[[self.names.index(n) for n in named]] += batch
+        return dict(zip(named, batch.tolist()))
+
+    def as_dict(self):
+        return dict(zip(self.names, self.tensor.tolist()))
 
 
 class ProgressMeter:

@@ -25,7 +25,14 @@ def build_optimizer(model, learning_rate, weight_decay, fused=False, name="adam"
     return torch.optim.Adam(groups, lr=learning_rate, betas=recipe.ADAM_BETAS, fused=fused or None)
 
 
+def learning_rate_factor(steps, epochs):
+    """The recipe's schedule, written once: the share of the base learning rate after ``steps``
+    scheduler steps, ``1 - steps / epochs`` (linear to zero). The scheduler and a resume with a
+    changed schedule both use it."""
+    return 1.0 - steps / epochs
+
+
 def build_scheduler(optimizer, epochs):
-    """``lr * (1 - e / epochs)``, stepped at the start of every epoch as the published code does,
-    so 0-based epoch ``e`` trains at ``lr * (1 - (e + 1) / epochs)``."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0 - e / epochs)
+    """``lr * learning_rate_factor(e, epochs)``, stepped at the start of every epoch as the
+    published code does, so 0-based epoch ``e`` trains at ``lr * (1 - (e + 1) / epochs)``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: learning_rate_factor(e, epochs))

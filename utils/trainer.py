@@ -18,13 +18,13 @@ from models import ModelSpec, build_model
 from models.checkpoint import load_weights, read_checkpoint, title_of
 from models.layers import use_deterministic_pooling
 
-from . import distributed, recipe, run_folder
+from . import distributed, optim, recipe, run_folder
 from .cli import require_image_size, resolve_workers
 from .data import SeededSampler, make_loader, on_device, open_split
 from .distill import build_teacher
 from .errors import UserError, report_user_errors
 from .evaluation import check_unreadable, evaluate
-from .meters import AverageMeter, ProgressMeter
+from .meters import Meters, ProgressMeter
 from .monitor import MetricsLog, PaperMetrics
 from .optim import build_optimizer, build_scheduler
 from .runtime import configure_device, seed_everything
@@ -245,7 +245,7 @@ class Trainer:
         schedule had always had them; data, teacher, size and seed are already built from the new
         flags. The change is kept in every later checkpoint and logged."""
         base = self.args.learning_rate
-        rate = base * (1.0 - self.scheduler.last_epoch / self.args.epochs)
+        rate = base * optim.learning_rate_factor(self.scheduler.last_epoch, self.args.epochs)
         self.scheduler.base_lrs = [base] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
             group["initial_lr"], group["lr"] = base, rate
@@ -308,10 +308,8 @@ class Trainer:
         self.model.train()
         self.data.train_sampler.set_epoch(self.epoch, start=self.iteration * loader.batch_size)
         num_batches = self.iteration + len(loader)
-        meters = [AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f"),
-                  AverageMeter("Loss", ":.4e"), AverageMeter("Acc@1", ":6.2f"),
-                  AverageMeter("Acc@5", ":6.2f")]
-        batch_time, data_time, losses, top1, top5 = meters
+        meters = Meters(time=("Time", ":6.3f"), data=("Data", ":6.3f"), loss=("Loss", ":.4e"),
+                        top1=("Acc@1", ":6.2f"), top5=("Acc@5", ":6.2f"))
         progress = ProgressMeter(num_batches, meters, prefix=f"Epoch: [{self.epoch}]")
         end, stopping = time.time(), False
         if self.metrics:
@@ -320,7 +318,7 @@ class Trainer:
         sample_saturation = self.metrics and not args.compile
         for batch, images in stop.guard(on_device(loader, self.device, args.channels_last)):
             i = self.iteration
-            data_time.update(time.time() - end)
+            meters["data"].update(time.time() - end)
             check_unreadable(batch.unreadable, len(batch), args.max_unreadable_share, self.log)
             self.unreadable_count += len(batch.unreadable)
             target = batch.target.to(self.device, non_blocking=True)
@@ -335,16 +333,16 @@ class Trainer:
             stopping = result.stop
             self.iteration += 1
             n = len(target)
-            losses.update(result.loss, n)
-            top1.update(100 * result.correct1 / n, n)
-            top5.update(100 * result.correct5 / n, n)
-            batch_time.update(time.time() - end)
+            meters["loss"].update(result.loss, n)
+            meters["top1"].update(100 * result.correct1 / n, n)
+            meters["top5"].update(100 * result.correct5 / n, n)
+            meters["time"].update(time.time() - end)
             if i % args.print_freq == 0 or i == num_batches - 1 or stopping:
                 self.log(progress.line(i))
                 self.metrics_log.iteration(self.epoch * num_batches + i, {
                     "loss": result.loss, "acc1": 100 * result.correct1 / n,
                     "acc5": 100 * result.correct5 / n, "lr": self.optimizer.param_groups[0]["lr"],
-                    "images_per_s": n * self.ctx.world_size / batch_time.val})
+                    "images_per_s": n * self.ctx.world_size / meters["time"].val})
             if stopping or (args.save_every_iters and self.iteration % args.save_every_iters == 0
                             and self.iteration < num_batches):
                 self.save()
@@ -355,7 +353,7 @@ class Trainer:
             if not stopping:  # the loader broke off (its workers got the signal too): save here
                 self.save()
             raise self.stopped(stop)
-        return {"loss": losses.avg, "top1": top1.avg, "top5": top5.avg}
+        return meters.averages("loss", "top1", "top5")
 
 
 def main(step):
