@@ -1,9 +1,11 @@
 """Architectures and binarizers by name: the new binarizers against references written here, the
 defaults unchanged, the names saved in checkpoints and read back, and ReActNet-18."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import main_error_line
+from conftest import REPO, evaluate_args, last_val_line, main_error_line, run_script, run_sh, succeeded
 
 from models import ModelSpec, build_model, reactnet
 from models.binarize import binarize_activation, binarize_weight
@@ -200,3 +202,32 @@ def test_reactnet18_cost_at_224_by_hand():
     # The papers' rounded figures: 1.68e9 BOPs, 1.39e8 FLOPs, 1.63e8 OPs.
     assert round(bops / 1e9, 2) == 1.68 and abs(flops / 1e8 - 1.39) < 0.02 and abs(counts["ops"] / 1e8 - 1.63) < 0.02
 
+
+
+def test_reactnet18_through_both_run_sh_resume_and_evaluate(tiny_data, teacher_weights, tmp_path):
+    step1_dir, step2_dir = str(tmp_path / "step1"), str(tmp_path / "step2")
+    env = {"DATA": tiny_data, "BATCH_SIZE": "8", "IMAGE_SIZE": "32", "TEACHER": "resnet18",
+           "TEACHER_WEIGHTS": teacher_weights, "WORKERS": "0", "NGPUS": "1"}
+    succeeded(run_sh(1, dict(env, ARCH="reactnet_18", EPOCHS="2", SAVE=step1_dir), "--device", "cpu", cwd=REPO))
+    # One more epoch on the same folder: the run resumes ReActNet-18 where it stopped.
+    resumed = succeeded(run_sh(1, dict(env, ARCH="reactnet_18", EPOCHS="3", SAVE=step1_dir), "--device", "cpu",
+                               "--resume_with_changes", cwd=REPO))
+    assert "=> resuming" in resumed.stdout and "=> step 1: ReActNet-18" in resumed.stdout
+    # Without ARCH, step 2 builds the architecture of the step-1 checkpoint it starts from.
+    best1 = os.path.join(step1_dir, "model_best.pth.tar")
+    step2 = succeeded(run_sh(2, dict(env, EPOCHS="2", SAVE=step2_dir, STEP1_CHECKPOINT=best1), "--device", "cpu",
+                             cwd=REPO))
+    assert "=> step 2: ReActNet-18" in step2.stdout and f"initialised from step-1 weights {best1}" in step2.stdout
+    best2 = os.path.join(step2_dir, "model_best.pth.tar")
+    saved = torch.load(best2, weights_only=True)
+    assert (saved["arch"], saved["step"], saved["args"]["arch"]) == ("reactnet_18", 2, "reactnet_18")
+    evaluated = succeeded(run_script("evaluate.py", *evaluate_args(tiny_data, best2)))
+    assert f"=> evaluating {best2} (ReActNet-18) as step 2" in evaluated.stdout
+    assert last_val_line(evaluated.stdout) == last_val_line(open(os.path.join(step2_dir, "log.txt")).read())
+    # A ReActNet-A step 1 cannot continue this folder: one line, nothing lost.
+    before = open(os.path.join(step1_dir, "checkpoint.pth.tar"), "rb").read()
+    refused = run_sh(1, dict(env, EPOCHS="3", SAVE=step1_dir), "--device", "cpu", cwd=REPO)
+    errors = [line for line in refused.stdout.splitlines() if line.startswith("error:")]  # run.sh tees stderr
+    assert refused.returncode != 0 and "Traceback" not in refused.stdout and len(errors) == 1
+    assert "--arch reactnet_18, not reactnet_a" in errors[0]
+    assert open(os.path.join(step1_dir, "checkpoint.pth.tar"), "rb").read() == before
