@@ -5,7 +5,7 @@ Importing the package registers every built-in architecture and binarizer (model
 from . import binarize, published, reactnet18  # noqa: F401  (they register themselves)
 from .checkpoint import CheckpointError, load_checkpoint
 from .ops import count_ops
-from .reactnet import reactnet
+from .reactnet import MIN_INPUT_SIZE, reactnet
 from .registry import ModelSpec, build_model
 
-__all__ = ["reactnet", "build_model", "ModelSpec", "load_checkpoint", "CheckpointError", "count_ops"]
+__all__ = ["reactnet", "MIN_INPUT_SIZE", "build_model", "ModelSpec", "load_checkpoint", "CheckpointError", "count_ops"]

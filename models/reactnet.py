@@ -10,6 +10,8 @@ from .layers import BinaryActivation, BinaryConv2d, GlobalMeanPool, LearnableBia
 from .registry import register_architecture
 
 STAGE_WIDTHS = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
+# The stem and four widening blocks halve the resolution: a smaller input leaves no pixel for the last blocks.
+MIN_INPUT_SIZE = 32
 
 
 class Stem(nn.Module):
@@ -102,8 +104,7 @@ class ReActNet(nn.Module):
                 + [(f"{name}.binary_pw", block.move21) for name, block in blocks])
 
 
-# The stem and four widening blocks halve the resolution: the input is taken down by 32.
-@register_architecture("reactnet_a", title="ReActNet-A", downsampling=32, reported_costs={
+@register_architecture("reactnet_a", title="ReActNet-A", downsampling=MIN_INPUT_SIZE, reported_costs={
     "bops": 4.82e9, "flops": 0.12e8, "ops": 0.87e8, "source": "ReActNet (ECCV 2020), Table 3"})
 def reactnet(num_classes=1000, binary_weights=False):
     """Builds ReActNet-A.
