@@ -139,13 +139,6 @@ def get_weight_binarizer(name):
     return _lookup(WEIGHT_BINARIZERS, "weight binarizer", "--weight_binarizer", name)
 
 
-def names(table):
-    """The registered names of ``table`` (ARCHITECTURES, ACT_BINARIZERS or WEIGHT_BINARIZERS),
-    plugins included, for ``choices`` of a flag."""
-    load_plugins()
-    return sorted(table)
-
-
 def set_binarizers(model, act_binarizer, weight_binarizer):
     """Makes every BinaryActivation and BinaryConv2d of ``model`` use the named binarizers, in place."""
     from .layers import BinaryActivation, BinaryConv2d  # here: layers -> binarize -> this module
