@@ -183,7 +183,7 @@ def test_reactnet18_layout():
     assert real == ["conv1", "layer2.0.downsample.1", "layer3.0.downsample.1", "layer4.0.downsample.1", "fc"]
     assert model.state_dict()["layer1.0.binary_conv.weight"].shape == (64, 64, 3, 3)
     assert get_architecture("reactnet_18").downsampling == 32
-    assert sorted(ARCHITECTURES) == ["reactnet_18", "reactnet_a"]
+    assert {"reactnet_a", "reactnet_18"} <= set(ARCHITECTURES)  # plus any test-registered toy
 
 
 def test_reactnet18_cost_at_224_by_hand():
