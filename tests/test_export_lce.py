@@ -178,19 +178,37 @@ def test_tolerance_follows_each_channels_largest_value():
 def test_near_zero_budget_follows_the_rounding_before_each_sign():
     """The first sign sees the block's input plus a shift, computed alike on both sides: only a
     value within --sign_eps of 0 may flip. The second sees the output of a folded BatchNorm:
-    within the tolerance of its channel of 0, rounding may flip it, and its 1x1 conv carries the
-    flip to its own position only."""
+    within SIGN_MARGIN times the image's measured rounding error of 0 it may flip, and its 1x1
+    conv carries the flip to its own position only."""
     block = BasicBlock(2, 2, 1, True)
-    first, second = torch.ones(1, 2, 3, 3), torch.ones(1, 2, 3, 3)
-    second[0, 0, 0, 0] = 10.0  # channel 0's tolerance: 1e-4 + 1e-4 * 10; channel 1's: 2e-4
+    first, second = torch.ones(2, 2, 3, 3), torch.ones(2, 2, 3, 3)
+    expected = torch.zeros(2, 2, 3, 3)
+    actual = expected.clone()
+    actual[0, 1, 2, 0], actual[1, 0, 0, 2] = 2.5e-5, 1e-7  # budgets: 1e-4 and --sign_eps
     first[0, 1, 0, 0] = 5e-5  # beyond --sign_eps
-    second[0, 1, 1, 1] = 3e-4  # beyond channel 1's tolerance
-    assert not export_lce.near_zero_positions(block, (first, second), 1e-5).any()
-    second[0, 0, 2, 2] = 9e-4  # within channel 0's
-    assert export_lce.near_zero_positions(block, (first, second), 1e-5).nonzero().tolist() == [[0, 2, 2]]
+    second[0, 1, 1, 1] = 1.5e-4  # beyond image 0's budget
+    second[1, 0, 2, 2] = 9e-5  # beyond image 1's
+    flagged = export_lce.near_zero_positions(block, (first, second), 1e-5, expected, actual)
+    assert not flagged.any()
+    second[0, 0, 2, 2] = 9e-5  # within image 0's
+    flagged = export_lce.near_zero_positions(block, (first, second), 1e-5, expected, actual)
+    assert flagged.nonzero().tolist() == [[0, 2, 2]]
     first[0, 1, 0, 0] = 0.0
-    flagged = export_lce.near_zero_positions(block, (first, second), 1e-5)
+    flagged = export_lce.near_zero_positions(block, (first, second), 1e-5, expected, actual)
     assert flagged.nonzero().tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [0, 2, 2]]
+
+
+def test_measured_error_leaves_out_positions_where_a_sign_flipped():
+    """A position with a value beyond the tolerance, or one a near-zero first sign reaches, is
+    where a sign may have flipped: its other channels' differences are not rounding."""
+    expected = torch.zeros(2, 2, 2, 2)
+    actual = expected.clone()
+    actual[0, 0, 0, 0], actual[1, 0, 0, 1] = 3e-5, 7e-5
+    actual[0, 0, 1, 1], actual[0, 1, 1, 1] = 0.5, 5e-4  # a flipped position
+    actual[1, 1, 1, 0] = 9e-5  # at an excluded position
+    excluded = torch.zeros(2, 2, 2, dtype=torch.bool)
+    excluded[1, 1, 0] = True
+    assert export_lce.measured_error(expected, actual, excluded).tolist() == pytest.approx([3e-5, 7e-5])
 
 
 @pytest.mark.parametrize("images, share, agreement, reason", [
