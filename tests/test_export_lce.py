@@ -70,6 +70,7 @@ def test_trained_model_exports_fully_binary_and_agrees(demo):
     match = last_line(demo["result"])
     report = demo["report"]
     assert report["verified"] is True and report["problems"] == []
+    assert report["agreement_refused"] is None and report["top_class_share"] < 90
     # Only the outputs are left in --out: no images, no work folder, no temporary name.
     assert sorted(os.listdir(demo["out"])) == ["lce.log", "model.tflite", "report.json"]
     assert int(match.group(1)) == report["binary_convs"] == 31
@@ -152,7 +153,7 @@ def test_released_format_exports_the_same_flatbuffer(demo, tmp_path):
     torch.save({"epoch": 2, "state_dict": {"module." + k: v for k, v in state_dict.items()},
                 "best_top1_acc": 50.0, "optimizer": {}}, path)
     match = last_line(export(path, demo["data"], tmp_path / "lce", "--max_images", 30, "--part_images", 1,
-                             "--bench_runs", 1, "--min_agreement", 0))
+                             "--bench_runs", 1))
     assert int(match.group(1)) == 31 and int(match.group(3)) == 30
     assert (tmp_path / "lce" / "model.tflite").read_bytes() == (demo["out"] / "model.tflite").read_bytes()
 
@@ -211,17 +212,14 @@ def test_measured_error_leaves_out_positions_where_a_sign_flipped():
     assert export_lce.measured_error(expected, actual, excluded).tolist() == pytest.approx([3e-5, 7e-5])
 
 
-@pytest.mark.parametrize("images, share, agreement, reason", [
-    (150, 40.0, 100.0, None),
-    (150, 40.0, 98.0, "below --min_agreement"),
-    (150, 99.3, 100.0, "PyTorch predicts one class for 99.30%"),
-    (30, 40.0, 100.0, "too few"),
+@pytest.mark.parametrize("images, share, reason", [
+    (150, 40.0, None),
+    (300, 97.3, "one class for 97.3% of the 300 images"),  # the 10-digit model of the README
+    (30, 40.0, "too few"),
 ])
-def test_agreement_that_cannot_discriminate_is_refused(images, share, agreement, reason):
-    summary = {"images": images, "top_class_share": share, "agreement": agreement}
-    problem = export_lce.agreement_problem(summary, 99.0)
-    assert problem is None if reason is None else reason in problem
-    assert export_lce.agreement_problem(summary, 0) is None  # --min_agreement 0: not checked
+def test_agreement_that_cannot_discriminate_is_refused(images, share, reason):
+    refusal = export_lce.agreement_refusal({"images": images, "top_class_share": share}, 99.0)
+    assert refusal is None if reason is None else reason in refusal
 
 
 # Small cases, one LCE conversion for all: blocks with mixed-sign weights and BatchNorm statistics
