@@ -652,10 +652,11 @@ def main(argv=None):
     summary["agreement_refused"] = agreement_refusal(summary, args.min_agreement) if args.min_agreement else None
     problems = problems_of(summary, report, args.min_agreement)
     summary = {"verified": not problems, "problems": problems, **summary}
+    os.replace(os.path.join(args.out, CANDIDATE), os.path.join(args.out, REJECTED if problems else "model.tflite"))
+    # Last, so that a report.json from this run always describes a finished export.
     with open(os.path.join(args.out, "report.json.tmp"), "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(os.path.join(args.out, "report.json.tmp"), os.path.join(args.out, "report.json"))
-    os.replace(os.path.join(args.out, CANDIDATE), os.path.join(args.out, REJECTED if problems else "model.tflite"))
     print_summary(summary)
     if problems:
         raise UserError(f"the export does not match PyTorch (kept as {os.path.join(args.out, REJECTED)}): "
