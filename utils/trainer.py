@@ -54,9 +54,11 @@ class TrainingData:
 
     def __init__(self, args, ctx):
         workers = resolve_workers(args.workers, ctx.local_world_size)
-        self.train_set = open_split(args.data, "train", args.image_size, args.data_backend)
+        self.train_set = open_split(args.data, "train", args.image_size, args.data_backend,
+                                    cpu_decode_share=args.cpu_decode_share)
         self.val_set = open_split(args.data, "val", args.image_size, args.data_backend,
-                                  class_to_idx=self.train_set.class_to_idx)
+                                  class_to_idx=self.train_set.class_to_idx,
+                                  cpu_decode_share=args.cpu_decode_share)
         self.num_classes = len(self.train_set.classes)
         self.train_sampler = SeededSampler(len(self.train_set), args.seed, True, ctx.rank, ctx.world_size)
         self.val_sampler = SeededSampler(len(self.val_set), args.seed, False, ctx.rank, ctx.world_size)
