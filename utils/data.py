@@ -85,8 +85,7 @@ def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=
         num_classes: the classes a model predicts; this split must have that many.
         cpu_decode_share: with backend ``"gpu"``, the share of the JPEGs decoded by PIL.
     """
-    if not 0 <= cpu_decode_share <= 1:
-        raise UserError(f"--cpu_decode_share must be in [0, 1], got {cpu_decode_share}")
+    require_cpu_decode_share(cpu_decode_share)
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise UserError(f"no '{split}' folder at {folder}: --data must hold {split}/<class>/<image> "
@@ -108,6 +107,12 @@ def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=
         raise UserError(f"the model predicts {num_classes} classes but {folder} has "
                         f"{len(dataset.classes)} class folders")
     return dataset
+
+
+def require_cpu_decode_share(share):
+    """A UserError unless ``0 <= share <= 1``."""
+    if not 0 <= share <= 1:
+        raise UserError(f"--cpu_decode_share must be in [0, 1], got {share}")
 
 
 def mix_seed(*values):
