@@ -126,6 +126,7 @@ def test_configuration_names():
     (["--image_size", "16"], "--image_size 16 is too small"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--configs", "ours+fp16"], "unknown configuration"),
+    (["--cpu_decode_shares", "0", "1.5"], "--cpu_decode_shares must be in [0, 1], got 1.5"),
 ])
 def test_bad_settings_are_refused_in_one_line(flags, message, capsys):
     assert message in main_error_line(benchmark.main, flags, capsys)

@@ -126,7 +126,7 @@ def main(argv=None):
     require_at_least(0, {"--loader_workers": min(args.loader_workers)})
     require_image_size(args.image_size)
     for share in args.cpu_decode_shares:
-        require_cpu_decode_share(share)
+        require_cpu_decode_share(share, "--cpu_decode_shares")
     args.end_to_end_workers = resolve_workers(args.end_to_end_workers)
     for name in args.configs + args.end_to_end_configs:
         if name != "fastest":

@@ -109,10 +109,10 @@ def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=
     return dataset
 
 
-def require_cpu_decode_share(share):
+def require_cpu_decode_share(share, flag="--cpu_decode_share"):
     """A UserError unless ``0 <= share <= 1``."""
     if not 0 <= share <= 1:
-        raise UserError(f"--cpu_decode_share must be in [0, 1], got {share}")
+        raise UserError(f"{flag} must be in [0, 1], got {share}")
 
 
 def mix_seed(*values):

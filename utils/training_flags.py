@@ -9,7 +9,7 @@ from . import recipe
 from .cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag, add_unreadable_flag,
                   add_workers_flag, require_at_least, require_image_size, require_positive,
                   require_share)
-from .data import BACKENDS
+from .data import BACKENDS, require_cpu_decode_share
 from .errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +98,7 @@ def validate(args, world_size=1):
     if args.workers is not None:
         require_at_least(0, {"--workers": args.workers})
     require_share("--max_unreadable_share", args.max_unreadable_share)
+    require_cpu_decode_share(args.cpu_decode_share)
     require_image_size(args.image_size)
     if args.batch_size % world_size:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide among "
