@@ -128,7 +128,8 @@ def published_batches(dataset, sampler, train):
                 torch.manual_seed(seed)
                 images.append(transform(image))
             targets.append(target)
-        yield torch.stack(images) if images else None, torch.tensor(targets, dtype=torch.int64), sorted(unreadable)
+        stacked = torch.stack(images) if images else None
+        yield stacked, torch.tensor(targets, dtype=torch.int64), sorted(unreadable)
 
 
 def same_images(images, want):
@@ -209,7 +210,8 @@ def expected_path(name, device):
     return "device"
 
 
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason="needs a CUDA device"))
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -320,7 +322,8 @@ def paths_taken(loader, epoch, start=0):
     taken = {}
     for batch in loader:
         decoded(batch, CPU)
-        taken.update({path: "device" if on_device else "pil" for path, on_device in zip(batch.paths, batch.on_device)})
+        taken.update({path: "device" if on_device else "pil"
+                      for path, on_device in zip(batch.paths, batch.on_device)})
         taken.update({item.path: "unreadable" for item in batch.unreadable})
     return taken
 

@@ -26,17 +26,21 @@ def tiny_jpegs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("device, backend", [
-    ("cpu", "gpu"), pytest.param("cuda", "pil", marks=NEEDS_CUDA), pytest.param("cuda", "gpu", marks=NEEDS_CUDA)])
+    ("cpu", "gpu"),
+    pytest.param("cuda", "pil", marks=NEEDS_CUDA),
+    pytest.param("cuda", "gpu", marks=NEEDS_CUDA)])
 def test_killed_inside_an_epoch_then_rerun_ends_bit_identical(tiny_jpegs, teacher_weights, tmp_path, device,
                                                               backend):
-    flags = ["--device", device, "--data_backend", backend, "--cpu_decode_share", 0.5, "--save_every_iters", 2]
+    flags = ["--device", device, "--data_backend", backend, "--cpu_decode_share", 0.5,
+             "--save_every_iters", 2]
     if device == "cuda":
         flags.append("--deterministic")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(step1_command(tiny_jpegs, teacher_weights, straight, *flags), check=True, capture_output=True,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    subprocess.run(step1_command(tiny_jpegs, teacher_weights, straight, *flags), check=True,
+                   capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     uninterrupted = checkpoint(straight)
-    assert uninterrupted["args"]["cpu_decode_share"] == 0.5 and uninterrupted["args"]["data_backend"] == backend
+    assert uninterrupted["args"]["cpu_decode_share"] == 0.5
+    assert uninterrupted["args"]["data_backend"] == backend
 
     command = step1_command(tiny_jpegs, teacher_weights, killed, *flags)
     # Killed in iteration 3 of epoch 0 (learning rate lr / 2), after its update and before the
@@ -58,5 +62,6 @@ def test_training_validates_with_the_decoding_choices_of_evaluate_py(tiny_jpegs)
     # evaluate.py's sampler, which has no seed flag; the run's seed would take other files to PIL.
     in_evaluate, with_the_run_seed = SeededSampler(size, shuffle=False), SeededSampler(size, 3, shuffle=False)
     assert list(data.val_sampler) == list(in_evaluate)
-    choices = [[decoded_by_pil(seed, 0.5) for _, seed in sampler] for sampler in (in_evaluate, with_the_run_seed)]
+    choices = [[decoded_by_pil(seed, 0.5) for _, seed in sampler]
+               for sampler in (in_evaluate, with_the_run_seed)]
     assert choices[0] != choices[1]

@@ -23,10 +23,10 @@ training image, hence how far each is from the device's arithmetic peak.
 With a folder of generated JPEG files of ImageNet's size (``--loader_images`` of them):
 ``--loader`` adds the images/s of the data pipeline's workers alone, per ``--backends`` and per
 ``--loader_workers``; ``--end_to_end`` times real training steps of ``--end_to_end_configs`` fed by
-the real loader with each backend (the ``gpu`` one with each of ``--cpu_decode_shares``), and reports the share of the time spent waiting for data and the
-peak device memory. On a CPU, freed memory is kept for reuse as CPU training keeps it
-(``utils.runtime.keep_freed_host_memory``); ``--return_freed_memory`` measures with glibc's
-defaults instead.
+the real loader with each backend (the ``gpu`` one with each of ``--cpu_decode_shares``), and
+reports the share of the time spent waiting for data and the peak device memory. On a CPU, freed
+memory is kept for reuse as CPU training keeps it (``utils.runtime.keep_freed_host_memory``);
+``--return_freed_memory`` measures with glibc's defaults instead.
 
     python -m tools.benchmark --image_size 64 --batch_size 32 --loader --end_to_end
     python -m tools.benchmark --device cuda --image_size 224 --batch_size 256

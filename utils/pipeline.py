@@ -6,7 +6,8 @@ uint8 pixels. Backend ``gpu``: a worker reads the file's bytes and header only; 
 the batch's JPEG files together, then crops, resizes and flips each. Files the device's decoder
 cannot take (CMYK JPEGs, PNGs under a .JPEG name, truncated files) go the ``pil`` way in the
 worker, and so does a share of the others chosen per sample (``--cpu_decode_share``), so that idle
-workers take part of the decoding off the device. In both, lighting and normalisation run on the device (``Batch.to_device``).
+workers take part of the decoding off the device. In both, lighting and normalisation run on the
+device (``Batch.to_device``).
 """
 import io
 import warnings
