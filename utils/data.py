@@ -1,9 +1,10 @@
 """ImageNet-style data: the published transforms, seeded sampling and tolerant image loading.
 
-Every random choice of an epoch (the order of the samples and the augmentation of each sample) is a
-function of ``(seed, epoch, position in the epoch)``. Nothing depends on which process or worker
-handles a sample, on how many batches ran before or on the backend, which is what makes an
-interrupted run resume bit for bit, also in the middle of an epoch.
+Every random choice of an epoch (the order of the samples, the augmentation of each sample and, with
+backend ``gpu``, whether PIL or the device decodes it) is a function of ``(seed, epoch, position in
+the epoch)``. Nothing depends on which process or worker handles a sample, on how many batches ran
+before or on the backend, which is what makes an interrupted run resume bit for bit, also in the
+middle of an epoch.
 
 Typical use::
 
