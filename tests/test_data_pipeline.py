@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import transforms
 
 from utils import pipeline
-from utils.augment import lighten
+from utils.augment import draw_augmentation, lighten
 from utils.augment import IMAGENET_MEAN, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, IMAGENET_STD
 from utils.data import (READ_ERRORS, SeededSampler, decoded_by_pil, images_per_second, make_loader,
                         on_device, open_split)
@@ -307,12 +307,14 @@ def test_the_share_decoded_by_pil_is_drawn_per_sample_seed():
     assert not chosen[0] and len(chosen[1]) == len(seeds)
     assert 0.29 < len(chosen[0.3]) / len(seeds) < 0.31 and 0.59 < len(chosen[0.6]) / len(seeds) < 0.61
     assert chosen[0.3] < chosen[0.6]  # a larger share adds samples, it does not redraw them
-    # Independent of the augmentation drawn from the same seed: the flips are still half and half.
+    # Independent of the augmentation drawn from the same seed: the chosen samples' flips are
+    # still half and half.
+    image = Image.new("RGB", (64, 48))
     with torch.random.fork_rng(devices=[]):
         flips = []
         for seed in sorted(chosen[0.3])[:2000]:
             torch.manual_seed(seed)
-            flips.append(bool(torch.rand(1) < 0.5))
+            flips.append(draw_augmentation(image).flip)
     assert 0.45 < sum(flips) / len(flips) < 0.55
 
 
