@@ -225,8 +225,9 @@ def try_decode_jpeg(jpegs, device):
         # before the work queued on the stream has run, and torchvision submits the decode on a
         # stream of its own that does not wait for the current one. Either way the decoder can
         # overwrite a block that queued kernels still read (the previous batch's crops, here).
-        # Waiting for the current stream first, on the host, leaves no queued reader; in training
-        # it is the decoding thread's own stream, so the training step does not wait.
+        # Waiting for the current stream first, on the host, leaves no queued reader (a wait queued
+        # on a stream would not do: the hardware decoder does not keep to stream order). In
+        # training it is the decoding thread's own stream, so the training step does not wait.
         torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         # torchvision 0.29 marks its image codecs deprecated in favour of a separate package.
