@@ -44,7 +44,7 @@ from utils.cli import (OneLineErrorParser, add_unreadable_flag, add_workers_flag
                        require_positive, require_share, resolve_workers)
 from utils.data import make_loader, on_device, open_split
 from utils.errors import UserError, report_user_errors
-from utils.evaluation import check_unreadable
+from utils.evaluation import UnreadableLimit
 from utils.runtime import keep_freed_host_memory
 from utils.training_flags import REPO_ROOT
 
@@ -278,8 +278,9 @@ def pytorch_predictions(model, loader, images_path, count, image_size, max_unrea
     """
     images = np.lib.format.open_memmap(images_path, "w+", np.float32, (count, image_size, image_size, 3))
     logits, labels, stored = [], [], 0
+    limit = UnreadableLimit(max_unreadable_share, print, images="validation images")
     for batch, inputs in on_device(loader, torch.device("cpu")):
-        check_unreadable(batch.unreadable, len(batch), max_unreadable_share, print)
+        limit.update(batch.unreadable, len(batch))
         if inputs is None:
             continue
         images[stored:stored + len(inputs)] = nhwc(inputs)

@@ -24,7 +24,7 @@ from .cli import resolve_workers
 from .data import SeededSampler, make_loader, on_device, open_split
 from .distill import build_teacher
 from .errors import UserError, report_user_errors
-from .evaluation import check_unreadable, evaluate
+from .evaluation import UnreadableLimit, evaluate
 from .meters import AverageMeter, ProgressMeter
 from .monitor import MetricsLog, PaperMetrics
 from .optim import build_optimizer, build_scheduler
@@ -362,10 +362,11 @@ class Trainer:
             self.metrics.start_epoch()
         # Hooks inside a compiled model would force recompilation, so saturation is sampled eagerly only.
         sample_saturation = self.metrics and not args.compile
+        limit = UnreadableLimit(args.max_unreadable_share, self.log, self.ctx, "training images")
         for batch, images in stop.guard(on_device(loader, self.device, args.channels_last)):
             i = self.iteration
             data_time.update(time.time() - end)
-            check_unreadable(batch.unreadable, len(batch), args.max_unreadable_share, self.log)
+            limit.update(batch.unreadable, len(batch))
             self.unreadable_count += len(batch.unreadable)
             target = batch.target.to(self.device, non_blocking=True)
             try:
