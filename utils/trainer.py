@@ -56,7 +56,8 @@ def file_sha256(path):
 def describe_inputs(args):
     """What the path flags point to: the data folder's real path, and each weight file's real path
     and content hash (no hash where the file is absent), so that another name for the same folder
-    or file, or a byte-identical copy of a file, is no change. None for no file."""
+    or file, or a byte-identical copy of a file, is no change. A weight flag naming no file has no
+    entry."""
     inputs = {"data": {"path": os.path.realpath(args["data"])}}
     for flag in INPUT_FLAGS[1:]:
         path = args.get(flag)
