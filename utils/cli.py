@@ -13,7 +13,7 @@ from .errors import UserError
 MAX_UNREADABLE_SHARE = 0.5
 # ...once they are more than this many. Early in an epoch a share is noise (one bad file among the
 # first images read is most of them), and ten files cost nothing to skip, while a folder that is
-# mostly broken still stops within its first two dozen images at the default share.
+# mostly broken still stops within its first few dozen images at the default share.
 UNREADABLE_FLOOR = 10
 
 
