@@ -79,7 +79,8 @@ def build_parser(step):
     if step == 2:
         parser.add_argument("--step1_checkpoint", default=default_step1_checkpoint(),
                             help="step-1 weights to start from, loaded strictly "
-                                 "(default: step1/models/model_best.pth.tar); 'none' trains from scratch")
+                                 "(default: step1/models/model_best.pth.tar); 'none' trains from scratch; "
+                                 "a resumed run refuses weights other than those it started from")
     return parser
 
 
