@@ -7,11 +7,16 @@ import torch
 from models import ModelSpec
 from models.registry import ACT_BINARIZERS, ARCHITECTURES, WEIGHT_BINARIZERS, get_architecture
 
+from .data import CPU_DECODE_SHARE
 from .errors import UserError
 
 
-# Unreadable images are skipped; a batch with more than this share of them stops the run.
+# Unreadable images are skipped; more than this share of the images read so far in an epoch stops it.
 MAX_UNREADABLE_SHARE = 0.5
+# ...once they are more than this many. Early in an epoch a share is noise (one bad file among the
+# first images read is most of them), and ten files cost nothing to skip, while a folder that is
+# mostly broken still stops within its first few dozen images at the default share.
+UNREADABLE_FLOOR = 10
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -68,8 +73,17 @@ def require_at_least(minimum, flags):
 
 def add_unreadable_flag(parser):
     parser.add_argument("--max_unreadable_share", type=float, default=MAX_UNREADABLE_SHARE,
-                        help="unreadable images are skipped with a warning and counted; stop when "
-                             "more than this share of one batch is unreadable")
+                        help=f"unreadable images are skipped with a warning and counted; stop when "
+                             f"more than this share of the images read so far in the epoch (summed "
+                             f"over processes, not per batch) is unreadable and more than "
+                             f"{UNREADABLE_FLOOR} are; 0 stops at the first")
+
+
+def add_cpu_decode_share_flag(parser):
+    parser.add_argument("--cpu_decode_share", type=float, default=CPU_DECODE_SHARE,
+                        help="with --data_backend gpu: the share of the JPEG files decoded by PIL in "
+                             "the loader's workers instead of on the device, chosen per sample from "
+                             "(seed, epoch, position) (pixels as with pil; see the README)")
 
 
 def require_share(flag, value):

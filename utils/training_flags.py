@@ -8,9 +8,10 @@ import os
 from . import recipe
 from models import ModelSpec
 
-from .cli import (OneLineErrorParser, add_device_flag, add_model_flags, add_unreadable_flag,
-                  add_workers_flag, require_at_least, require_image_size, require_positive, require_share)
-from .data import BACKENDS
+from .cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag, add_model_flags,
+                  add_unreadable_flag, add_workers_flag, require_at_least, require_image_size,
+                  require_positive, require_share)
+from .data import BACKENDS, require_cpu_decode_share
 from .errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +53,7 @@ def build_parser(step):
     parser.add_argument("--data_backend", choices=BACKENDS, default="pil",
                         help="where images are decoded and resized: pil (in the loader's workers, the "
                              "published pixels) or gpu (JPEGs decoded on the device; see the README)")
+    add_cpu_decode_share_flag(parser)
     parser.add_argument("--image_size", type=int, default=224,
                         help="training crop; validation resizes to round(size/0.875) then centre-crops")
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
@@ -71,15 +73,19 @@ def build_parser(step):
                         help="PyTorch's fused Adam kernel (faster; rounds slightly differently)")
     parser.add_argument("--resume_with_changes", action="store_true",
                         help="resume a run folder although learning rate, weight decay, epochs, batch "
-                             "size, teacher, image size, seed or data differ from its checkpoint, "
-                             "continuing with the new values")
+                             "size, teacher (or its weights' content), image size, seed, data folder "
+                             "or data backend differ from its checkpoint, continuing with the new "
+                             "values (the speed flags --amp, --fused_optimizer, --channels_last, "
+                             "--compile and --deterministic may change without it; every change is "
+                             "recorded in the checkpoint's flag_changes)")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic GPU kernels (cuDNN deterministic, no autotuning, "
                              "torch.use_deterministic_algorithms), so a resumed GPU run is bit-identical; slower")
     if step == 2:
         parser.add_argument("--step1_checkpoint", default=default_step1_checkpoint(),
                             help="step-1 weights to start from, loaded strictly "
-                                 "(default: step1/models/model_best.pth.tar); 'none' trains from scratch")
+                                 "(default: step1/models/model_best.pth.tar); 'none' trains from scratch; "
+                                 "a resumed run refuses weights other than those it started from")
     return parser
 
 
@@ -99,6 +105,7 @@ def validate(args, world_size=1):
     if args.workers is not None:
         require_at_least(0, {"--workers": args.workers})
     require_share("--max_unreadable_share", args.max_unreadable_share)
+    require_cpu_decode_share(args.cpu_decode_share)
     require_image_size(args.image_size, arch=args.arch or ModelSpec.arch)
     if args.batch_size % world_size:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide among "
