@@ -100,7 +100,7 @@ def main(argv=None):
                          class_to_idx=train_set.class_to_idx)
     workers = resolve_workers(args.workers)
     pin = device.type == "cuda"
-    train_sampler = SeededSampler(len(train_set), args.seed, shuffle=True)
+    train_sampler = SeededSampler(len(train_set), args.seed, shuffle=True, batch_size=args.batch_size)
     train_loader = make_loader(train_set, train_sampler, args.batch_size, workers, pin)
     val_loader = make_loader(val_set, SeededSampler(len(val_set), args.seed, shuffle=False),
                              args.batch_size, workers, pin)

@@ -23,6 +23,7 @@ import time
 
 import torch
 from torchvision import datasets
+from torchvision.datasets.folder import has_file_allowed_extension
 
 from .errors import UserError
 from .pipeline import BACKENDS, READ_ERRORS, READERS, Batch, UnreadableImage
@@ -49,6 +50,23 @@ class SeededImageFolder(datasets.ImageFolder):
         super().__init__(root)
         self.image_size, self.backend, self.train = image_size, backend, train
 
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """``(path, class index)`` of every image under ``directory/<class>/``, in ImageFolder's
+        order, with each real folder entered once: a symlink loop or a second link to a folder
+        adds no image twice. Links are followed otherwise, so a tree assembled from links works.
+        """
+        accept = is_valid_file or functools.partial(has_file_allowed_extension, extensions=extensions)
+        samples, seen = [], set()
+        for name in sorted(class_to_idx):
+            found = [(os.path.join(folder, file), class_to_idx[name])
+                     for folder, files in sorted(walk_each_folder_once(os.path.join(directory, name), seen))
+                     for file in sorted(files) if accept(os.path.join(folder, file))]
+            if not found and not allow_empty:
+                raise FileNotFoundError(f"found no image in {os.path.join(directory, name)}")
+            samples += found
+        return samples
+
     def __getitem__(self, item):
         index, seed = item
         path, target = self.samples[index]
@@ -60,6 +78,19 @@ class SeededImageFolder(datasets.ImageFolder):
                 return READERS[self.backend](path, target, self.image_size, self.train)
         except READ_ERRORS as error:
             return UnreadableImage.from_error(path, error)
+
+
+def walk_each_folder_once(top, seen):
+    """``(folder, file names)`` under ``top``, following links but entering no real folder that
+    is in ``seen``, which collects the real folders entered."""
+    for folder, subfolders, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()  # which of two links to one folder is kept does not depend on the disk
+        yield folder, files
 
 
 def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=None,
@@ -118,11 +149,16 @@ class SeededSampler(torch.utils.data.Sampler):
     every sample is counted exactly once across ranks.
 
     ``start`` skips the first ``start`` samples of this rank's share (mid-epoch resume).
+
+    Given this rank's ``batch_size``, a training share that would end in a batch of one sample
+    loses that sample (a different one each epoch): BatchNorm cannot normalise a batch of one
+    where the feature map is 1x1 (images under 64 pixels). The shares are equal, so every rank
+    drops it, and the length, which resume and the schedule count with, already excludes it.
     """
 
-    def __init__(self, size, seed=0, shuffle=True, rank=0, world_size=1):
+    def __init__(self, size, seed=0, shuffle=True, rank=0, world_size=1, batch_size=None):
         self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -132,9 +168,12 @@ class SeededSampler(torch.utils.data.Sampler):
         return self.share_size() - self.start
 
     def share_size(self):
-        if self.shuffle:
-            return math.ceil(self.size / self.world_size)
-        return len(range(self.rank, self.size, self.world_size))
+        if not self.shuffle:
+            return len(range(self.rank, self.size, self.world_size))
+        share = math.ceil(self.size / self.world_size)
+        if self.batch_size and self.batch_size > 1 and share % self.batch_size == 1:
+            return share - 1
+        return share
 
     def __iter__(self):
         if self.shuffle:
@@ -145,7 +184,7 @@ class SeededSampler(torch.utils.data.Sampler):
         else:
             order = list(range(self.size))
         positions = range(self.rank, len(order), self.world_size)
-        for position in list(positions)[self.start:]:
+        for position in list(positions)[self.start:self.share_size()]:
             yield order[position], mix_seed(self.seed, self.epoch, position)
 
 

@@ -58,10 +58,11 @@ class TrainingData:
         self.val_set = open_split(args.data, "val", args.image_size, args.data_backend,
                                   class_to_idx=self.train_set.class_to_idx)
         self.num_classes = len(self.train_set.classes)
-        self.train_sampler = SeededSampler(len(self.train_set), args.seed, True, ctx.rank, ctx.world_size)
+        per_rank_batch = args.batch_size // ctx.world_size
+        self.train_sampler = SeededSampler(len(self.train_set), args.seed, True, ctx.rank, ctx.world_size,
+                                           per_rank_batch)
         self.val_sampler = SeededSampler(len(self.val_set), args.seed, False, ctx.rank, ctx.world_size)
         pin = ctx.device.type == "cuda"
-        per_rank_batch = args.batch_size // ctx.world_size
         self.train_loader = make_loader(self.train_set, self.train_sampler, per_rank_batch, workers, pin)
         self.val_loader = make_loader(self.val_set, self.val_sampler, per_rank_batch, workers, pin)
 
