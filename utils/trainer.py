@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from models import load_checkpoint, reactnet
+from models import reactnet
 from models.reactnet import GlobalMeanPool
 from models.checkpoint import load_weights, read_checkpoint
 
@@ -37,6 +37,11 @@ from .training_step import NonFiniteLoss, TrainingStep
 # for. The others (workers, printing, device, speed flags...) may change between runs.
 EXPERIMENT_FLAGS = ("learning_rate", "weight_decay", "epochs", "batch_size", "optimizer", "teacher",
                     "teacher_weights", "image_size", "seed", "data")
+
+
+# What a resume reads from a checkpoint besides its step and number of classes.
+RESUMED_ENTRIES = ("epoch", "iteration", "state_dict", "best_top1_acc", "optimizer", "scheduler",
+                   "scaler", "args", "rng")
 
 
 def changed_flags(saved_args, args):
@@ -95,6 +100,9 @@ class Trainer:
         # Below any accuracy, so the first validation always writes model_best.pth.tar.
         self.epoch, self.iteration, self.best_top1 = 0, 0, float("-inf")
         self.unreadable_count = 0
+        # The epoch in progress's loss and accuracy meters, whose sums a mid-epoch checkpoint keeps
+        # so that the epoch's record covers all its iterations; those restored wait in resumed_sums.
+        self.running, self.resumed_sums = {}, {}
         self.initial_signs = None  # of the binary convs at the start of this step, for C2I
         self.flag_changes = []  # each resume that applied changed experiment flags
 
@@ -156,7 +164,12 @@ class Trainer:
         if not os.path.isfile(path):
             raise UserError(f"no step-1 checkpoint at {path}: run step 1 first (bash step1/run.sh) "
                             f"or pass --step1_checkpoint PATH (or 'none' to train step 2 from scratch)")
-        load_checkpoint(self.student, path)
+        checkpoint = read_checkpoint(path)
+        if checkpoint.get("step", 1) != 1:
+            raise UserError(f"{path} was made by step {checkpoint['step']}, not step 1: pass step 1's "
+                            f"model_best.pth.tar as --step1_checkpoint (a step-2 run folder is "
+                            f"continued by passing it as --save)")
+        load_weights(self.student, checkpoint, path)
         self.log(f"=> initialised from step-1 weights {path}")
 
     def state_dict(self):
@@ -174,6 +187,8 @@ class Trainer:
             "rng": run_folder.rng_state(),
             "initial_signs": self.initial_signs,
             "flag_changes": self.flag_changes,
+            "running_sums": {name: [meter.sum, meter.count] for name, meter in self.running.items()}
+            if self.iteration else {},
         }
 
     def resume(self, path):
@@ -183,6 +198,10 @@ class Trainer:
                        if "step" in state else "something other than this repository's training")
             raise UserError(f"{path} was made by {made_by}, but this is step {self.step} with "
                             f"{self.num_classes} classes: pass a new --save folder for this run")
+        missing = [entry for entry in RESUMED_ENTRIES if entry not in state]
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}, so it cannot be resumed: it was not "
+                            f"written by this repository's training; pass a new --save folder")
         changes = self.check_changes(state, path)
         load_weights(self.student, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -193,6 +212,7 @@ class Trainer:
         run_folder.set_rng_state(state["rng"])
         self.initial_signs = state.get("initial_signs")
         self.flag_changes = state.get("flag_changes", [])
+        self.resumed_sums = state.get("running_sums", {})
         self.log(f"=> resuming {path} at epoch {self.epoch} iteration {self.iteration} "
                  f"(best acc@1 {self.best_top1:.3f})")
         if changes:
@@ -290,6 +310,10 @@ class Trainer:
                   AverageMeter("Acc@5", ":6.2f")]
         batch_time, data_time, losses, top1, top5 = meters
         progress = ProgressMeter(num_batches, meters, prefix=f"Epoch: [{self.epoch}]")
+        self.running = {"loss": losses, "top1": top1, "top5": top5}
+        for name, (total, count) in self.resumed_sums.items():
+            self.running[name].restore(total, count)
+        self.resumed_sums = {}
         end, stopping = time.time(), False
         if self.metrics:
             self.metrics.start_epoch()
