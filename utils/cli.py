@@ -11,6 +11,9 @@ from .errors import UserError
 
 # Unreadable images are skipped; a batch with more than this share of them stops the run.
 MAX_UNREADABLE_SHARE = 0.5
+# The largest --image_size taken: 18 times the paper's 224 in width, and tools.summary's single
+# forward pass at 4096 already peaks at 5.6 GB on a CPU.
+MAX_IMAGE_SIZE = 4096
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -65,6 +68,12 @@ def require_at_least(minimum, flags):
             raise UserError(f"{flag} must be at least {minimum}, got {value}")
 
 
+def require_seed(seed):
+    """A UserError unless ``--seed`` is one that torch's generators take: 0 <= seed < 2**64."""
+    if not 0 <= seed < 2**64:
+        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {seed}")
+
+
 def add_unreadable_flag(parser):
     parser.add_argument("--max_unreadable_share", type=float, default=MAX_UNREADABLE_SHARE,
                         help="unreadable images are skipped with a warning and counted; stop when "
@@ -78,7 +87,10 @@ def require_share(flag, value):
 
 
 def require_image_size(size, flag="--image_size"):
-    """A UserError if ReActNet-A cannot take ``size`` x ``size`` images."""
+    """A UserError if ReActNet-A cannot take ``size`` x ``size`` images, or no memory could."""
     if size < MIN_INPUT_SIZE:
         raise UserError(f"{flag} {size} is too small: ReActNet-A downsamples by 32, use at least "
                         f"{MIN_INPUT_SIZE}")
+    if size > MAX_IMAGE_SIZE:
+        raise UserError(f"{flag} {size} is too large: use at most {MAX_IMAGE_SIZE} (one image of "
+                        f"that size already needs gigabytes of activations)")

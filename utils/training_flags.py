@@ -7,7 +7,8 @@ import os
 
 from . import recipe
 from .cli import (OneLineErrorParser, add_device_flag, add_unreadable_flag, add_workers_flag,
-                  require_at_least, require_image_size, require_positive, require_share)
+                  require_at_least, require_image_size, require_positive, require_seed,
+                  require_share)
 from .data import BACKENDS
 from .errors import UserError
 
@@ -97,6 +98,7 @@ def validate(args, world_size=1):
         require_at_least(0, {"--workers": args.workers})
     require_share("--max_unreadable_share", args.max_unreadable_share)
     require_image_size(args.image_size)
+    require_seed(args.seed)
     if args.batch_size % world_size:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide among "
                         f"{world_size} processes: use a multiple of {world_size}")
