@@ -1,6 +1,20 @@
 # Sourced by step1/run.sh and step2/run.sh after they set their variables: turns the variables
 # into train.py flags and starts one process, or torchrun when there are several.
 
+# The variables are checked before anything starts; a bad one stops the run with one line.
+refuse() { echo "error: $1" >&2; exit 2; }
+for name in DATA BATCH_SIZE LEARNING_RATE EPOCHS WEIGHT_DECAY TEACHER IMAGE_SIZE SEED SAVE LOG \
+            NNODES NODE_RANK MASTER_ADDR MASTER_PORT; do
+  [ -n "${!name}" ] || refuse "$name is set but empty: give it a value, or unset it for the default"
+done
+for name in BATCH_SIZE EPOCHS IMAGE_SIZE SEED NODE_RANK MASTER_PORT WORKERS NGPUS NNODES; do
+  [[ "${!name}" =~ ^[0-9]*$ ]] || refuse "$name=${!name} is not a whole number"
+done
+for name in NGPUS NNODES; do
+  [ "${!name:-1}" -ge 1 ] || refuse "$name=${!name}: at least 1 process per node and 1 node"
+done
+[ ! -d "$LOG" ] || refuse "LOG=$LOG is a folder: give the file to append the output to"
+
 flags=(--data "$DATA" --batch_size "$BATCH_SIZE" --learning_rate "$LEARNING_RATE"
        --epochs "$EPOCHS" --weight_decay "$WEIGHT_DECAY" --teacher "$TEACHER"
        --image_size "$IMAGE_SIZE" --seed "$SEED" --save "$SAVE")
