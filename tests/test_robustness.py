@@ -1,5 +1,6 @@
 """A run survives kills, preemption, full disks, corrupt images and divergence without losing work."""
 import errno
+import json
 import os
 import re
 import resource
@@ -68,12 +69,25 @@ def one_error_line(result):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_data, teacher_weights, tmp_path_factory):
-    """Final state of a 2-epoch run that nothing interrupts."""
+def uninterrupted_folder(tiny_data, teacher_weights, tmp_path_factory):
+    """The run folder of a 2-epoch run that nothing interrupts."""
     save = tmp_path_factory.mktemp("uninterrupted")
     subprocess.run(step1_command(tiny_data, teacher_weights, save), check=True, capture_output=True,
                    env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return checkpoint(save)
+    return save
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_folder):
+    """Final state of the run that nothing interrupts."""
+    return checkpoint(uninterrupted_folder)
+
+
+def training_records(save):
+    """Per epoch, the training loss and accuracies metrics.jsonl recorded."""
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k.startswith("train_")} | {"epoch": r["epoch"]} for r in records]
 
 
 def assert_resumed_to_the_uninterrupted_end(command, stopped_at, uninterrupted, save):
@@ -91,7 +105,7 @@ def assert_resumed_to_the_uninterrupted_end(command, stopped_at, uninterrupted, 
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
-                                                         uninterrupted):
+                                                         uninterrupted, uninterrupted_folder):
     command = step1_command(tiny_data, teacher_weights, tmp_path, "--save_every_iters", 2)
     # Killed during iteration 3 of epoch 0 (learning rate lr / 2), after its update and before
     # the checkpoint of iteration 4: the updates of iterations 2 and 3 are lost and redone.
@@ -104,6 +118,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, teacher_weigh
     # What remains to train changes the weights, so a resume that lost anything would show.
     assert not torch.equal(saved["state_dict"]["fc.weight"], uninterrupted["state_dict"]["fc.weight"])
     assert_resumed_to_the_uninterrupted_end(command, (0, 2), uninterrupted, tmp_path)
+    # Epoch 0's record covers its 6 iterations, the 2 before the resume included.
+    assert training_records(tmp_path) == training_records(uninterrupted_folder)
 
 
 def test_sigterm_saves_mid_epoch_and_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
