@@ -3,7 +3,7 @@
 
 # The variables are checked before anything starts; a bad one stops the run with one line.
 refuse() { echo "error: $1" >&2; exit 2; }
-for name in DATA BATCH_SIZE LEARNING_RATE EPOCHS WEIGHT_DECAY TEACHER IMAGE_SIZE SEED SAVE LOG \
+for name in DATA BATCH_SIZE OPTIMIZER EPOCHS WEIGHT_DECAY TEACHER IMAGE_SIZE SEED SAVE LOG \
             NNODES NODE_RANK MASTER_ADDR MASTER_PORT; do
   [ -n "${!name}" ] || refuse "$name is set but empty: give it a value, or unset it for the default"
 done
@@ -15,9 +15,11 @@ for name in NGPUS NNODES; do
 done
 [ ! -d "$LOG" ] || refuse "LOG=$LOG is a folder: give the file to append the output to"
 
-flags=(--data "$DATA" --batch_size "$BATCH_SIZE" --learning_rate "$LEARNING_RATE"
+flags=(--data "$DATA" --batch_size "$BATCH_SIZE" --optimizer "$OPTIMIZER"
        --epochs "$EPOCHS" --weight_decay "$WEIGHT_DECAY" --teacher "$TEACHER"
        --image_size "$IMAGE_SIZE" --seed "$SEED" --save "$SAVE")
+# Unset, the rate follows the optimizer, also one named among the extra arguments.
+if [ -n "$LEARNING_RATE" ]; then flags+=(--learning_rate "$LEARNING_RATE"); fi
 if [ -n "$TEACHER_WEIGHTS" ]; then flags+=(--teacher_weights "$TEACHER_WEIGHTS"); fi
 if [ -n "$WORKERS" ]; then flags+=(--workers "$WORKERS"); fi
 flags+=("${STEP_FLAGS[@]}")   # what only this step takes
