@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import REPO, run_script, train_args, write_image_folder
+from conftest import REPO, run_script, signalled_group, train_args, write_image_folder
 from models import reactnet
 from utils import run_folder
 from utils.errors import UserError
@@ -106,13 +106,15 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, teacher_weigh
     assert_resumed_to_the_uninterrupted_end(command, (0, 2), uninterrupted, tmp_path)
 
 
-def test_sigterm_saves_mid_epoch_and_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
-                                                             uninterrupted):
-    command = step1_command(tiny_data, teacher_weights, tmp_path)
-    # SIGTERM arrives during iteration 1 of epoch 0: the run finishes iteration 2, saves and stops.
-    stopped = interrupted(command, "SIGTERM", after_step=2)
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+def test_sigterm_to_the_process_group_saves_mid_epoch_and_resume_is_bit_identical(
+        tiny_data, teacher_weights, tmp_path, uninterrupted):
+    command = step1_command(tiny_data, teacher_weights, tmp_path, "--workers", 2)
+    # During iteration 1 of epoch 0 (learning rate lr / 2) the run and its two loader workers get
+    # SIGTERM: the workers keep loading, the run finishes iteration 2, saves and stops.
+    stopped = signalled_group([sys.executable, INTERRUPTED_RUN, *command[1:]], "SIGTERM", after_step=2)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
     assert "stopped by SIGTERM at epoch 0 iteration 3; saved" in stopped.stdout
+    assert "killed by signal" not in stopped.stdout
     assert progress_lines(stopped.stdout) == [(0, 0), (0, 1), (0, 2)]
     saved = checkpoint(tmp_path)
     assert (saved["epoch"], saved["iteration"]) == (0, 3)
