@@ -141,10 +141,43 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_partial_file_from_a_crash_is_removed_and_never_loaded(tiny_data, teacher_weights, tmp_path):
     partial = tmp_path / f"{run_folder.LAST}{run_folder.PARTIAL}999"
     partial.write_bytes(b"garbage from a crash")
+    users = ["thesis.partial.draft.tex", "dataset.tar.partial.3", f"{run_folder.LAST}.partial.3.bak"]
+    for name in users:
+        (tmp_path / name).write_text("the user's")
     result = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, tmp_path))
     assert result.returncode == 0, result.stderr
     assert not partial.exists()
+    assert all((tmp_path / name).read_text() == "the user's" for name in users)
     assert torch.load(tmp_path / run_folder.LAST, weights_only=True)["epoch"] == 1
+
+
+HOLDER = """
+import os, sys, time
+from utils import run_folder
+run_folder.lock_run_folder(sys.argv[1])
+if os.fork() == 0:  # a child that outlives its parent for a while, as a loader worker can
+    time.sleep(60)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_run_per_run_folder_and_a_killed_run_never_blocks_it(tiny_data, teacher_weights, tmp_path):
+    with subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, start_new_session=True) as holder:
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            second = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, tmp_path))
+            line = one_error_line(second)
+            assert f"the run folder {tmp_path} is in use by another run (process {holder.pid} on " in line
+            assert sorted(os.listdir(tmp_path)) == [run_folder.LOCK]
+            holder.kill()
+            holder.wait()
+            # The holder's forked child still runs, but the lock ended with the holder.
+            os.close(run_folder.lock_run_folder(str(tmp_path)))
+        finally:
+            os.killpg(holder.pid, signal.SIGKILL)
 
 
 @pytest.fixture
