@@ -218,6 +218,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, teacher_
     assert (one_epoch_run / run_folder.LAST).read_bytes() == before
 
 
+def test_non_finite_weights_are_never_saved_and_the_last_checkpoint_resumes(tiny_data, teacher_weights,
+                                                                            one_epoch_run):
+    before = (one_epoch_run / run_folder.LAST).read_bytes()
+    # A weight decay of 1e38 passes the flag checks, but squared in Adam's second moment it
+    # overflows float32: the loss and the weights stay finite, the optimizer state does not.
+    args = train_args(tiny_data, teacher_weights, one_epoch_run, "--resume_with_changes",
+                      "--weight_decay", 1e38, "--save_every_iters", 1, epochs=3)
+    line = one_error_line(run_script("step1/train.py", *args))
+    assert "became NaN or infinite by epoch 1 iteration 1" in line and "not saved" in line
+    assert f"the checkpoint in {one_epoch_run} (epoch 1 iteration 0) is kept" in line
+    assert (one_epoch_run / run_folder.LAST).read_bytes() == before
+    # As the message says: with a lower weight decay and --resume_with_changes it continues.
+    args = train_args(tiny_data, teacher_weights, one_epoch_run, "--resume_with_changes", epochs=2)
+    resumed = run_script("step1/train.py", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"^=> resuming \S+ at epoch 1 iteration 0 ", resumed.stdout, re.M)
+    final = checkpoint(one_epoch_run)
+    assert final["epoch"] == 2
+    tensors = {**final["state_dict"], **adam_moments(final)}
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    assert torch.equal(adam_moments(final)["0.step"], torch.tensor(6.0))  # 3 updates in each epoch
+
+
 @pytest.fixture
 def corrupt_data(tiny_data, tmp_path):
     root = tmp_path / "data"
