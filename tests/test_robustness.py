@@ -219,7 +219,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, teacher_
 
 
 def test_non_finite_weights_are_never_saved_and_the_last_checkpoint_resumes(tiny_data, teacher_weights,
-                                                                            one_epoch_run):
+                                                                            one_epoch_run, tmp_path_factory):
     before = (one_epoch_run / run_folder.LAST).read_bytes()
     # A weight decay of 1e38 passes the flag checks, but squared in Adam's second moment it
     # overflows float32: the loss and the weights stay finite, the optimizer state does not.
@@ -229,6 +229,13 @@ def test_non_finite_weights_are_never_saved_and_the_last_checkpoint_resumes(tiny
     assert "became NaN or infinite by epoch 1 iteration 1" in line and "not saved" in line
     assert f"the checkpoint in {one_epoch_run} (epoch 1 iteration 0) is kept" in line
     assert (one_epoch_run / run_folder.LAST).read_bytes() == before
+    # Such a checkpoint, written by an earlier version, is refused instead of resumed.
+    state = checkpoint(one_epoch_run)
+    state["optimizer"]["state"][0]["exp_avg_sq"][0] = float("inf")
+    poisoned = tmp_path_factory.mktemp("poisoned")
+    torch.save(state, poisoned / run_folder.LAST)
+    line = one_error_line(run_script("step1/train.py", *train_args(tiny_data, teacher_weights, poisoned)))
+    assert f"{poisoned / run_folder.LAST} holds NaN or infinite weights or optimizer state" in line
     # As the message says: with a lower weight decay and --resume_with_changes it continues.
     args = train_args(tiny_data, teacher_weights, one_epoch_run, "--resume_with_changes", epochs=2)
     resumed = run_script("step1/train.py", *args)

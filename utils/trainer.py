@@ -360,7 +360,7 @@ class Trainer:
                 break
             end = time.time()
         if stop.requested:
-            if not stopping:  # the loader broke off (its workers got the signal too): save here
+            if not stopping:  # the loader broke off (a worker died of the signal): save here
                 self.save()
             raise self.stopped(stop)
         return {"loss": losses.avg, "top1": top1.avg, "top5": top5.avg}
