@@ -35,7 +35,7 @@ else
   "${launcher[@]}" "$HERE/train.py" "${flags[@]}" "$@" || status=$?
 fi
 if [ "$signalled" -ne 0 ] && [ "$status" -ne "$signalled" ] && [ "$status" -ne 0 ] \
-    && tail -n 1 "$SAVE/log.txt" 2>/dev/null | grep -q '^=> stopped by'; then
+    && [[ "$(tail -n 1 "$SAVE/log.txt" 2>/dev/null)" == "=> stopped by "* ]]; then
   echo "=> the training processes stopped and saved (above); exiting with status $signalled" >&2
   status=$signalled
 fi
