@@ -312,3 +312,14 @@ def test_unreadable_validation_images_are_counted_after_the_summary(corrupt_val)
 def test_too_many_unreadable_validation_images_stop_the_evaluation(corrupt_val):
     line = one_error_line(evaluate_corrupt_val(corrupt_val, "--max_unreadable_share", 0))
     assert "1 of 13 images" in line and "--max_unreadable_share" in line
+
+
+def test_console_log_outlives_the_reader_of_the_output(tmp_path, monkeypatch):
+    # `python train.py | tee log` under scancel: tee dies with the job, the run must still save.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write_end, "w"))
+    log = run_folder.ConsoleLog(str(tmp_path / "log.txt"))
+    log("Epoch: [0][2/6]")
+    log("=> stopped by SIGTERM")
+    assert (tmp_path / "log.txt").read_text() == "Epoch: [0][2/6]\n=> stopped by SIGTERM\n"

@@ -6,6 +6,7 @@ import random
 import re
 import shutil
 import socket
+import sys
 
 import numpy as np
 import torch
@@ -153,7 +154,14 @@ class ConsoleLog:
     def __call__(self, message):
         if not self.enabled:
             return
-        print(message, flush=True)
+        try:
+            print(message, flush=True)
+        except BrokenPipeError:
+            # What read the output (a `| tee`) was ended, as the job's SIGTERM ends it: the run goes
+            # on to its checkpoint, log.txt keeps every line, the console gets no more.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(message + "\n")
