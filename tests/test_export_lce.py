@@ -69,6 +69,10 @@ def demo(lce_env, teacher_weights, tmp_path_factory):
 def test_trained_model_exports_fully_binary_and_agrees(demo):
     match = last_line(demo["result"])
     report = demo["report"]
+    assert report["verified"] is True and report["problems"] == []
+    assert report["agreement_refused"] is None and report["top_class_share"] < 90
+    # Only the outputs are left in --out: no images, no work folder, no temporary name.
+    assert sorted(os.listdir(demo["out"])) == ["lce.log", "model.tflite", "report.json"]
     assert int(match.group(1)) == report["binary_convs"] == 31
     assert float(match.group(2)) >= 99.0
     assert int(match.group(3)) == report["images"] == 150
@@ -82,14 +86,54 @@ def test_trained_model_exports_fully_binary_and_agrees(demo):
     assert report["kernels_max_diff"] <= 1e-4
 
 
-def test_every_part_matches_pytorch_on_its_own_input(demo):
-    parts = demo["report"]["parts"]
+@pytest.mark.parametrize("check", ["parts", "chain"])
+def test_every_part_matches_pytorch_on_its_own_input(demo, check):
+    """Each part fed PyTorch's input (parts.tflite), and each part of model.tflite's chain fed LCE's
+    own output of the part before it, on every image."""
+    parts = demo["report"][check]
     assert [p["part"] for p in parts] == [f"feature.{i}" for i in range(14)] + ["head"]
+    images = 4 if check == "parts" else 150
+    assert parts[-1]["positions"] == images
     for part in parts:
         assert part["unexplained"] == 0, part
         assert part["max_diff"] <= 1e-2, part
+        assert part["near_zero_positions"] <= export_lce.MAX_EXCUSED_SHARE * part["positions"], part
     # Only the blocks binarize; the stem and the head are compared everywhere.
     assert parts[0]["near_zero_positions"] == parts[-1]["near_zero_positions"] == 0
+    assert demo["report"]["probe_logit_diff"] == 0
+
+
+# model.tflite alone with blocks feature.8 and feature.9 swapped (both 512 -> 512 channels); the parts and the probe are built as they should be.
+SWAP_BLOCKS_8_AND_9 = """
+import sys
+from tools.lce import convert
+chain = convert.full_model
+def swapped(net, spec, probe=False):
+    parts = spec["parts"]
+    if not probe:
+        spec = dict(spec, parts=parts[:8] + [parts[9], parts[8]] + parts[10:])
+    return chain(net, spec, probe)
+convert.full_model = swapped
+convert.main(*sys.argv[1:])
+"""
+
+
+def test_wrong_model_file_fails_the_export(demo, tmp_path, capsys, monkeypatch):
+    """A model.tflite that computes something else than its checked parts fails, whatever its
+    top-1 agreement; it is kept under another name and report.json says why."""
+    out = tmp_path / "lce"
+    (out / "model.tflite").parent.mkdir()
+    monkeypatch.setattr(export_lce, "CONVERTER", ["-c", SWAP_BLOCKS_8_AND_9])
+    line = expect_error(capsys, "--checkpoint", demo["checkpoint"], "--data", demo["data"], "--out", out,
+                        "--image_size", EXPORT_SIZE, "--max_images", 6, "--part_images", 1,
+                        "--bench_runs", 1, "-j", 0)
+    assert "model.tflite's logits differ from its chain's" in line
+    assert sorted(os.listdir(out)) == ["lce.log", export_lce.REJECTED, "report.json"]
+    with open(out / "report.json") as f:
+        report = json.load(f)
+    assert report["verified"] is False and report["problems"]
+    assert report["probe_logit_diff"] > 1e-2
+    assert all(p["unexplained"] == 0 for p in report["parts"] + report["chain"])
 
 
 def test_pytorch_side_equals_evaluate(demo, capsys):
@@ -132,6 +176,52 @@ def test_tolerance_follows_each_channels_largest_value():
     assert result["unexplained"] == 0 and result["near_zero_positions"] == 1
 
 
+def test_near_zero_budget_follows_the_rounding_before_each_sign():
+    """The first sign sees the block's input plus a shift, computed alike on both sides: only a
+    value within --sign_eps of 0 may flip. The second sees the output of a folded BatchNorm:
+    within SIGN_MARGIN times the image's measured rounding error of 0 it may flip, and its 1x1
+    conv carries the flip to its own position only."""
+    block = BasicBlock(2, 2, 1, True)
+    first, second = torch.ones(2, 2, 3, 3), torch.ones(2, 2, 3, 3)
+    expected = torch.zeros(2, 2, 3, 3)
+    actual = expected.clone()
+    actual[0, 1, 2, 0], actual[1, 0, 0, 2] = 2.5e-5, 1e-7  # budgets: 1e-4 and --sign_eps
+    first[0, 1, 0, 0] = 5e-5  # beyond --sign_eps
+    second[0, 1, 1, 1] = 1.5e-4  # beyond image 0's budget
+    second[1, 0, 2, 2] = 9e-5  # beyond image 1's
+    flagged = export_lce.near_zero_positions(block, (first, second), 1e-5, expected, actual)
+    assert not flagged.any()
+    second[0, 0, 2, 2] = 9e-5  # within image 0's
+    flagged = export_lce.near_zero_positions(block, (first, second), 1e-5, expected, actual)
+    assert flagged.nonzero().tolist() == [[0, 2, 2]]
+    first[0, 1, 0, 0] = 0.0
+    flagged = export_lce.near_zero_positions(block, (first, second), 1e-5, expected, actual)
+    assert flagged.nonzero().tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [0, 2, 2]]
+
+
+def test_measured_error_leaves_out_positions_where_a_sign_flipped():
+    """A position with a value beyond the tolerance, or one a near-zero first sign reaches, is
+    where a sign may have flipped: its other channels' differences are not rounding."""
+    expected = torch.zeros(2, 2, 2, 2)
+    actual = expected.clone()
+    actual[0, 0, 0, 0], actual[1, 0, 0, 1] = 3e-5, 7e-5
+    actual[0, 0, 1, 1], actual[0, 1, 1, 1] = 0.5, 5e-4  # a flipped position
+    actual[1, 1, 1, 0] = 9e-5  # at an excluded position
+    excluded = torch.zeros(2, 2, 2, dtype=torch.bool)
+    excluded[1, 1, 0] = True
+    assert export_lce.measured_error(expected, actual, excluded).tolist() == pytest.approx([3e-5, 7e-5])
+
+
+@pytest.mark.parametrize("images, share, reason", [
+    (150, 40.0, None),
+    (300, 97.3, "one class for 97.3% of the 300 images"),  # the 10-digit model of the README
+    (30, 40.0, "too few"),
+])
+def test_agreement_that_cannot_discriminate_is_refused(images, share, reason):
+    refusal = export_lce.agreement_refusal({"images": images, "top_class_share": share}, 99.0)
+    assert refusal is None if reason is None else reason in refusal
+
+
 # Small cases, one LCE conversion for all: blocks with mixed-sign weights and BatchNorm statistics
 # of their own input, as a trained network has.
 
@@ -165,9 +255,10 @@ def small_cases(lce_env, tmp_path_factory):
         cases["zero_weights"][0].binary_3x3.weight[:, 0, 1, 1] = 0
         cases["zero_weights"][0].binary_pw.weight[0, :3] = 0
     named = [(f"{name}.", export_lce.as_exported(block)) for name, (block, _) in cases.items()]
-    comparisons, report, _ = export_lce.verify_parts(
+    comparisons, report, outputs = export_lce.verify_parts(
         named, [x for _, x in cases.values()], lce_env, str(tmp_path_factory.mktemp("small")), sign_eps=0)
-    return {"cases": cases, "report": report, **{c["part"]: c for c in comparisons}}
+    outputs = {name: export_lce.nchw(outputs[f"part_{i}"]) for i, name in enumerate(cases)}
+    return {"cases": cases, "report": report, "outputs": outputs, **{c["part"]: c for c in comparisons}}
 
 
 def binary_conv(block, x, pad):
@@ -201,6 +292,21 @@ def test_binary_conv_pads_with_zeros(small_cases):
     result = small_cases["zero_padding"]
     assert result["near_zero_positions"] == 0 and result["differing_positions"] == 0
     assert result["max_diff"] < 1e-4
+
+
+def test_sign_of_zero_is_plus_one_in_the_flatbuffer(small_cases):
+    """Every channel's pre-sign value exactly 0 at one position: LCE's output is PyTorch's with
+    sign(0) taken as +1 everywhere, and not the -1 reading."""
+    block, x = small_cases["cases"]["sign_of_zero"]
+    exported = export_lce.as_exported(block)
+    actual = small_cases["outputs"]["sign_of_zero"]
+    within = {}
+    for value in (1.0, -1.0):
+        exported.binary_activation.forward = lambda v, value=value: torch.where(v == 0, value, torch.sign(v))
+        with torch.no_grad():
+            expected = exported(x)
+        within[value] = bool(((actual - expected).abs() <= export_lce.channel_tolerance(expected)).all())
+    assert within == {1.0: True, -1.0: False}
 
 
 def test_sign_of_zero_differs_only_where_counted(small_cases):

@@ -7,12 +7,18 @@ the repository root, as
 
 ``tools/export_lce.py`` writes into WORK_DIR the weights of a ReActNet-A (``weights.npz``, PyTorch
 names and layouts, binary conv weights already binarized to ``alpha * sign(W)``), what to build
-(``spec.json``) and the inputs (``part_inputs.npz``, ``images.npy``, channels last). This script
+(``spec.json``) and the inputs of each part (``part_inputs.npz``, channels last). This script
 rebuilds the network in Keras/larq, converts it with LCE and runs the flatbuffers on those inputs.
 It writes ``parts.tflite`` (every listed part: stem, blocks, head, side by side, each with its own
-input and output), ``model.tflite`` (the parts in a chain: the whole network, when the spec says
-so), ``outputs.npz`` (part outputs and logits by the spec's kernel) and ``report.json`` (op census,
-sizes, the largest difference between the kernels, latencies of each kernel).
+input and output) and ``outputs.npz`` (their outputs by the spec's kernel).
+
+When the spec says ``full``, it also writes ``model.tflite`` (the parts in a chain: the whole
+network) and ``probe.tflite`` (the same chain with every part's output as an output of its own),
+then serves batches of images: for each line ``NAME`` read from standard input it runs both on
+``WORK/NAME.npy`` (channels last), writes ``WORK/NAME.out.npz`` (``logits`` of model.tflite,
+``part_I`` of the probe) and answers the line on the file descriptor given as its second argument.
+At the end of the input it times each kernel on the first image it was given. ``report.json``
+holds the op census, sizes, the largest difference between the kernels and the latencies.
 """
 import json
 import os
@@ -159,12 +165,17 @@ class Network:
         return (self.stem if spec["kind"] == "stem" else self.head)(x, spec["prefix"])
 
 
-def full_model(net, spec):
-    """The parts of the spec in a chain: stem, blocks, head."""
+def full_model(net, spec, probe=False):
+    """The parts of the spec in a chain: stem, blocks, head. With ``probe``, every part's output is
+    an output of the model, named so that they sort in the spec's order."""
     image = x = tf.keras.Input(spec["parts"][0]["input_shape"], batch_size=1, name="image")
+    outputs = []
     for part in spec["parts"]:
         x = net.part(x, part)
-    return tf.keras.Model(image, x), ["logits"]
+        outputs.append(x)
+    if not probe:
+        return tf.keras.Model(image, x), ["logits"]
+    return tf.keras.Model(image, outputs), [f"part_out_{i:03d}" for i in range(len(outputs))]
 
 
 def parts_model(net, spec):
@@ -241,7 +252,38 @@ def interpreter(flatbuffer, kernel, threads):
     return lce.testing.Interpreter(flatbuffer, num_threads=threads, **KERNELS[kernel])
 
 
-def main(work):
+def as_list(result):
+    return result if isinstance(result, list) else [result]
+
+
+def serve(net, work, spec, answers):
+    """Converts the whole network and runs it on each batch of images named on standard input;
+    returns the model's report (census, size, latencies)."""
+    kernel, cores = spec["kernel"], os.cpu_count()
+    path = os.path.join(work, "model.tflite")
+    flatbuffer = convert(*full_model(net, spec), path)
+    report = dict(op_census(parse(flatbuffer)), bytes=os.path.getsize(path))
+    probe_flatbuffer = convert(*full_model(net, spec, probe=True), os.path.join(work, "probe.tflite"))
+    order = signature_positions(parse(probe_flatbuffer), "outputs")
+    model, probe = (interpreter(f, kernel, cores) for f in (flatbuffer, probe_flatbuffer))
+    first = None
+    for line in sys.stdin:
+        name = os.path.join(work, line.strip())
+        images = np.load(name + ".npy")
+        first = images[:1] if first is None else first
+        parts = as_list(probe.predict(images))
+        np.savez(name + ".out.npz", logits=model.predict(images),
+                 **{f"part_{i}": parts[position] for i, position in enumerate(order)})
+        answers.write(line)
+        answers.flush()
+    report["latency_ms"] = {}
+    for name in KERNELS:
+        timed = interpreter(flatbuffer, name, spec["threads"])
+        report["latency_ms"][f"lce_{name}"] = latency_ms(lambda: timed.predict(first), spec["bench_runs"])
+    return report
+
+
+def main(work, answers=None):
     with open(os.path.join(work, "spec.json")) as f:
         spec = json.load(f)
     net = Network(dict(np.load(os.path.join(work, "weights.npz"))), spec["bn_eps"])
@@ -257,30 +299,19 @@ def main(work):
         inputs[position] = part_inputs[str(i)]
     results = {}
     for name in KERNELS:
-        result = interpreter(flatbuffer, name, cores).predict(inputs)
-        results[name] = result if isinstance(result, list) else [result]
+        results[name] = as_list(interpreter(flatbuffer, name, cores).predict(inputs))
     for i, position in enumerate(signature_positions(model, "outputs")):
         outputs[f"part_{i}"] = results[kernel][position]
     report["kernels_max_diff"] = max(float(np.abs(a - b).max()) for other in results.values()
                                      for a, b in zip(other, results[kernel]))
 
-    if spec.get("full"):
-        path = os.path.join(work, "model.tflite")
-        flatbuffer = convert(*full_model(net, spec), path)
-        report["model"] = op_census(parse(flatbuffer))
-        report["model"]["bytes"] = os.path.getsize(path)
-        images = np.load(os.path.join(work, "images.npy"), mmap_mode="r")[:spec["images"]]
-        outputs["logits"] = interpreter(flatbuffer, kernel, cores).predict(images)
-        one = np.ascontiguousarray(images[:1])
-        report["latency_ms"] = {}
-        for name in KERNELS:
-            timed = interpreter(flatbuffer, name, spec["threads"])
-            report["latency_ms"][f"lce_{name}"] = latency_ms(lambda: timed.predict(one), spec["bench_runs"])
-
     np.savez(os.path.join(work, "outputs.npz"), **outputs)
+    if spec.get("full"):
+        with os.fdopen(int(answers), "w") as f:
+            report["model"] = serve(net, work, spec, f)
     with open(os.path.join(work, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
