@@ -9,9 +9,9 @@ import argparse
 import os
 
 from models.checkpoint import model_from_checkpoint
-from utils.cli import (OneLineErrorParser, add_device_flag, add_unreadable_flag, add_workers_flag,
-                       require_image_size, require_positive, require_share, resolve_device,
-                       resolve_workers)
+from utils.cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag,
+                       add_unreadable_flag, add_workers_flag, require_image_size, require_positive,
+                       require_share, resolve_device, resolve_workers)
 from utils.data import BACKENDS, SeededSampler, make_loader, open_split
 from utils.errors import report_user_errors
 from utils.evaluation import evaluate
@@ -30,6 +30,7 @@ def parse_args(argv=None):
     parser.add_argument("--data_backend", choices=BACKENDS, default="pil",
                         help="where images are decoded and resized: pil (in the loader's workers) or "
                              "gpu (on the device; see the README)")
+    add_cpu_decode_share_flag(parser)
     add_device_flag(parser)
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--print_freq", type=int, default=10)
@@ -48,7 +49,7 @@ def main(argv=None):
     model, step = model_from_checkpoint(args.checkpoint, args.step)
     model.to(device)
     dataset = open_split(args.data, "val", args.image_size, args.data_backend,
-                         num_classes=model.fc.out_features)
+                         num_classes=model.fc.out_features, cpu_decode_share=args.cpu_decode_share)
     loader = make_loader(dataset, SeededSampler(len(dataset), shuffle=False), args.batch_size,
                          workers, device.type == "cuda")
     print(f"=> evaluating {args.checkpoint} as step {step} on {len(dataset)} images of "

@@ -17,8 +17,9 @@ NUM_CLASSES = 3
 torch.set_num_threads(1)
 
 
-def write_image_folder(root, per_class, num_classes=NUM_CLASSES, size=(40, 36), seed=0):
-    """Writes ``root/{train,val}/class_k/*.png``: noise whose mean brightness depends on the class."""
+def write_image_folder(root, per_class, num_classes=NUM_CLASSES, size=(40, 36), seed=0, image_format="PNG"):
+    """Writes ``root/{train,val}/class_k/*.png`` (or ``*.JPEG`` with ``image_format="JPEG"``): noise
+    whose mean brightness depends on the class."""
     rng = np.random.default_rng(seed)
     for split, count in per_class.items():
         for k in range(num_classes):
@@ -26,7 +27,8 @@ def write_image_folder(root, per_class, num_classes=NUM_CLASSES, size=(40, 36), 
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
                 pixels = rng.random((size[0], size[1], 3)) * 90 + 70 * k
-                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
+                name = f"{i}.png" if image_format == "PNG" else f"{i}.{image_format}"
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, name), image_format)
     return str(root)
 
 

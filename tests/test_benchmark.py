@@ -8,7 +8,7 @@ import torchvision
 from conftest import main_error_line
 from models import reactnet
 from tools import benchmark
-from tools.bench.compute import TrainingRun
+from tools.bench.compute import RecipeStepBenchmark, TrainingRun, resolve
 from tools.bench.variants import parse_variant
 
 TINY = ["--image_size", "32", "--batch_size", "4", "--steps", "2", "--warmup", "1", "--repeats", "1",
@@ -24,6 +24,7 @@ def test_report_has_every_configuration(tmp_path, capsys):
                              "--fastest_from", "channels_last", "fused_adam",
                              "--loader", "--loader_images", "12", "--loader_image_size", "32",
                              "--end_to_end", "--end_to_end_configs", "ours", "fastest",
+                             "--cpu_decode_shares", "0", "0.5",
                              "--end_to_end_workers", "0", "--end_to_end_iterations", "2",
                              "--out", str(out)])
 
@@ -42,16 +43,41 @@ def test_report_has_every_configuration(tmp_path, capsys):
         (backend, workers) for backend in ("pil", "gpu") for workers in (0, 1, 2)]
     assert all(row["images_per_s"] > 0 for row in report["loader"])
     fed = report["end_to_end"]
-    assert [(row["backend"], row["config"]) for row in fed] == [
-        (backend, config) for backend in ("pil", "gpu") for config in ("ours", fastest[0]["config"])]
+    # The end-to-end rows train the configuration the compute table chose: one probe per step.
+    assert [(row["backend"], row["cpu_decode_share"], row["config"]) for row in fed] == [
+        (backend, share, config) for backend, share in (("pil", None), ("gpu", 0), ("gpu", 0.5))
+        for config in ("ours", fastest[0]["config"])]
     for row in fed:
         assert row["images_per_s"] > 0 and row["speedup"] > 0 and 0 < row["data_wait_share"] < 1
 
     table = capsys.readouterr().out
     assert "| baseline | 2 |" in table and "| 1.00 |" in table
     assert f"| fastest = {fastest[0]['config']} | 2 |" in table
-    assert f"| ours | 2 | gpu | {fed[2]['images_per_s']:.1f} |" in table
+    assert f"| ours | 2 | gpu | 0 | {fed[2]['images_per_s']:.1f} |" in table
+    assert f"| ours | 2 | gpu | 0.5 | {fed[4]['images_per_s']:.1f} |" in table
     assert json.loads(out.read_text())["training"] == json.loads(json.dumps(rows))
+
+
+def test_the_fastest_configuration_is_probed_once_per_step(monkeypatch):
+    # A machine whose load changes after the first probe (ours, channels_last, ours, fused Adam,
+    # ours): channels_last wins that one, fused Adam would win any later one. Every table must
+    # still get the first probe's choice.
+    probes = []
+
+    def timed_under_changing_load(run, iterations):
+        probes.append(run.variant.name)
+        favoured = "ours+channels_last" if len(probes) <= 5 else "ours+fused_adam"
+        rate = 12.0 if run.variant.name == favoured else 10.0
+        return {"wall": rate, "cpu": rate}
+
+    monkeypatch.setattr(TrainingRun, "time", timed_under_changing_load)
+    args = benchmark.build_parser().parse_args([*TINY, "--fastest_from", "channels_last", "fused_adam"])
+    bench = RecipeStepBenchmark(args, 2, torch.device("cpu"), log=lambda message: None)
+    first = resolve(bench, ["fastest"])
+    timed = len(probes)
+    assert first == [parse_variant("ours+channels_last")]
+    assert resolve(bench, ["ours", "fastest"]) == [parse_variant("ours"), *first]
+    assert len(probes) == timed
 
 
 @pytest.mark.parametrize("step", [1, 2])
@@ -100,6 +126,7 @@ def test_configuration_names():
     (["--image_size", "16"], "--image_size 16 is too small"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--configs", "ours+fp16"], "unknown configuration"),
+    (["--cpu_decode_shares", "0", "1.5"], "--cpu_decode_shares must be in [0, 1], got 1.5"),
 ])
 def test_bad_settings_are_refused_in_one_line(flags, message, capsys):
     assert message in main_error_line(benchmark.main, flags, capsys)

@@ -137,7 +137,8 @@ def test_train_and_val_classes_differ(teacher_weights, bad_data, tmp_path):
     (["--batch_size", 0], ["--batch_size"]),
     (["--epochs", -1], ["--epochs"]),
     (["--image_size", 16], ["--image_size", "16"]),
-], ids=["batch_size_0", "negative_epochs", "image_size_16"])
+    (["--cpu_decode_share", 1.5], ["--cpu_decode_share", "1.5"]),
+], ids=["batch_size_0", "negative_epochs", "image_size_16", "cpu_decode_share_1.5"])
 def test_bad_numbers(tiny_data, teacher_weights, tmp_path, flags, words):
     line = step1_error(tiny_data, teacher_weights, str(tmp_path / "run"), *flags)
     assert all(word in line for word in words), line

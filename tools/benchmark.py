@@ -11,7 +11,8 @@ inference mode, distillation loss, Adam step) on a fixed synthetic batch, for th
   default, so the two rows give the measurements' cost;
 - ``ours+bf16``, ``ours+channels_last``, ``ours+fused_adam``, ``ours+compile``: one speed flag each,
   as ``--amp bf16``, ``--channels_last``, ``--fused_optimizer`` and ``--compile`` set it in training;
-- ``fastest``: ours with every flag that beat ``ours`` alone in a first timed pass, measured again.
+- ``fastest``: ours with every flag that beat ``ours`` alone in a first timed pass (once per step,
+  for every table), measured again.
 
 Any ``ours+FLAG+FLAG...`` combination may be named with ``--configs``. The configurations are
 timed in interleaved rounds (the order rotates every round) so that a machine shared with other
@@ -22,10 +23,10 @@ training image, hence how far each is from the device's arithmetic peak.
 With a folder of generated JPEG files of ImageNet's size (``--loader_images`` of them):
 ``--loader`` adds the images/s of the data pipeline's workers alone, per ``--backends`` and per
 ``--loader_workers``; ``--end_to_end`` times real training steps of ``--end_to_end_configs`` fed by
-the real loader with each backend, and reports the share of the time spent waiting for data and the
-peak device memory. On a CPU, freed memory is kept for reuse as CPU training keeps it
-(``utils.runtime.keep_freed_host_memory``); ``--return_freed_memory`` measures with glibc's
-defaults instead.
+the real loader with each backend (the ``gpu`` one with each of ``--cpu_decode_shares``), and
+reports the share of the time spent waiting for data and the peak device memory. On a CPU, freed
+memory is kept for reuse as CPU training keeps it (``utils.runtime.keep_freed_host_memory``);
+``--return_freed_memory`` measures with glibc's defaults instead.
 
     python -m tools.benchmark --image_size 64 --batch_size 32 --loader --end_to_end
     python -m tools.benchmark --device cuda --image_size 224 --batch_size 256
@@ -53,7 +54,7 @@ from tools.bench.loader import benchmark_loader  # noqa: E402
 from tools.bench.report import device_name, render  # noqa: E402
 from tools.bench.jpeg_folder import write_jpeg_folder  # noqa: E402
 from tools.bench.variants import FLAGS, SPEED_FLAGS, parse_variant  # noqa: E402
-from utils.data import BACKENDS  # noqa: E402
+from utils.data import BACKENDS, CPU_DECODE_SHARE, require_cpu_decode_share  # noqa: E402
 from utils.cli import (OneLineErrorParser, add_device_flag, require_at_least,  # noqa: E402
                        require_image_size, resolve_device, resolve_workers)
 from utils.errors import UserError, report_user_errors  # noqa: E402
@@ -102,6 +103,9 @@ def build_parser():
                         help="data backends of --loader and --end_to_end")
     parser.add_argument("--end_to_end", action="store_true",
                         help="also time training steps fed by the real loader from the JPEG files")
+    parser.add_argument("--cpu_decode_shares", type=float, nargs="+", default=[CPU_DECODE_SHARE],
+                        help="--end_to_end rows of the gpu backend, one per share of the JPEG files "
+                             "decoded by PIL in the workers (as --cpu_decode_share in training)")
     parser.add_argument("--end_to_end_configs", nargs="+", default=["ours", "fastest"],
                         help="configurations trained end to end")
     parser.add_argument("--end_to_end_workers", type=int, default=None,
@@ -121,6 +125,8 @@ def main(argv=None):
         "steps", "warmup", "repeats", "batch_size", "loader_images", "end_to_end_iterations")})
     require_at_least(0, {"--loader_workers": min(args.loader_workers)})
     require_image_size(args.image_size)
+    for share in args.cpu_decode_shares:
+        require_cpu_decode_share(share, "--cpu_decode_shares")
     args.end_to_end_workers = resolve_workers(args.end_to_end_workers)
     for name in args.configs + args.end_to_end_configs:
         if name != "fastest":

@@ -7,6 +7,7 @@ import torch
 
 from models import MIN_INPUT_SIZE
 
+from .data import CPU_DECODE_SHARE
 from .errors import UserError
 
 
@@ -84,6 +85,13 @@ def add_unreadable_flag(parser):
     parser.add_argument("--max_unreadable_share", type=float, default=MAX_UNREADABLE_SHARE,
                         help="unreadable images are skipped with a warning and counted; stop when "
                              "more than this share of one batch is unreadable")
+
+
+def add_cpu_decode_share_flag(parser):
+    parser.add_argument("--cpu_decode_share", type=float, default=CPU_DECODE_SHARE,
+                        help="with --data_backend gpu: the share of the JPEG files decoded by PIL in "
+                             "the loader's workers instead of on the device, chosen per sample from "
+                             "(seed, epoch, position) (pixels as with pil; see the README)")
 
 
 def require_share(flag, value):

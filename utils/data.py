@@ -1,9 +1,10 @@
 """ImageNet-style data: the published transforms, seeded sampling and tolerant image loading.
 
-Every random choice of an epoch (the order of the samples and the augmentation of each sample) is a
-function of ``(seed, epoch, position in the epoch)``. Nothing depends on which process or worker
-handles a sample, on how many batches ran before or on the backend, which is what makes an
-interrupted run resume bit for bit, also in the middle of an epoch.
+Every random choice of an epoch (the order of the samples, the augmentation of each sample and, with
+backend ``gpu``, whether PIL or the device decodes it) is a function of ``(seed, epoch, position in
+the epoch)``. Nothing depends on which process or worker handles a sample, on how many batches ran
+before or on the backend, which is what makes an interrupted run resume bit for bit, also in the
+middle of an epoch.
 
 Typical use::
 
@@ -26,8 +27,12 @@ import torch
 from torchvision import datasets
 
 from .errors import UserError
-from .pipeline import BACKENDS, READ_ERRORS, READERS, Batch, UnreadableImage
+from .pipeline import BACKENDS, READ_ERRORS, Batch, UnreadableImage, read_for_device, read_with_pil
 
+# The share of the JPEG files that backend ``gpu`` leaves to PIL in the loader's workers. Which share
+# fills the GPU depends on the CPU cores per GPU and awaits measurement (tools/measure_gpu.sh); until
+# then the default keeps every decodable file on the device, as measured so far.
+CPU_DECODE_SHARE = 0.0
 
 
 class SeededImageFolder(datasets.ImageFolder):
@@ -42,13 +47,16 @@ class SeededImageFolder(datasets.ImageFolder):
         backend: ``"pil"`` (decode and crop in the worker) or ``"gpu"`` (decode and crop on the
             training device; see utils/pipeline.py).
         train: the training augmentation if True, else the validation transform.
+        cpu_decode_share: with backend ``"gpu"``, the share of the samples whose JPEG PIL decodes
+            in the worker, as the ``"pil"`` backend would (see ``decoded_by_pil``).
     """
 
-    def __init__(self, root, image_size, backend="pil", train=False):
+    def __init__(self, root, image_size, backend="pil", train=False, cpu_decode_share=CPU_DECODE_SHARE):
         if backend not in BACKENDS:
             raise ValueError(f"unknown data backend {backend!r}, expected one of {BACKENDS}")
         super().__init__(root)
         self.image_size, self.backend, self.train = image_size, backend, train
+        self.cpu_decode_share = cpu_decode_share
 
     def __getitem__(self, item):
         index, seed = item
@@ -58,13 +66,16 @@ class SeededImageFolder(datasets.ImageFolder):
                 # The transforms draw from the CPU generator alone; torch.manual_seed would also
                 # queue a reseed of the CUDA generators, with a stack trace (0.2 ms a sample).
                 torch.default_generator.manual_seed(seed)
-                return READERS[self.backend](path, target, self.image_size, self.train)
+                if self.backend == "gpu":
+                    return read_for_device(path, target, self.image_size, self.train,
+                                           decoded_by_pil(seed, self.cpu_decode_share))
+                return read_with_pil(path, target, self.image_size, self.train)
         except READ_ERRORS as error:
             return UnreadableImage.from_error(path, error)
 
 
 def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=None,
-               num_classes=None):
+               num_classes=None, cpu_decode_share=CPU_DECODE_SHARE):
     """Opens ``root/split`` as a SeededImageFolder, or raises a UserError that says what is wrong.
 
     Args:
@@ -74,14 +85,16 @@ def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=
             only.
         class_to_idx: the classes another split uses; this split must have the same ones.
         num_classes: the classes a model predicts; this split must have that many.
+        cpu_decode_share: with backend ``"gpu"``, the share of the JPEGs decoded by PIL.
     """
+    require_cpu_decode_share(cpu_decode_share)
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise UserError(f"no '{split}' folder at {folder}: --data must hold {split}/<class>/<image> "
                         f"(an ImageFolder tree)")
     try:
         dataset = SeededImageFolder(folder, image_size, backend,
-                                    split == "train" if train is None else train)
+                                    split == "train" if train is None else train, cpu_decode_share)
     except FileNotFoundError as e:
         raise UserError(f"{folder} holds no images in class folders ({e}); expected "
                         f"{split}/<class>/<image>") from None
@@ -98,6 +111,12 @@ def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=
     return dataset
 
 
+def require_cpu_decode_share(share, flag="--cpu_decode_share"):
+    """A UserError unless ``0 <= share <= 1``."""
+    if not 0 <= share <= 1:
+        raise UserError(f"{flag} must be in [0, 1], got {share}")
+
+
 def mix_seed(*values):
     """A 63-bit seed mixed from integers (splitmix64 steps): cheap enough to call per sample."""
     mask = (1 << 64) - 1
@@ -107,6 +126,18 @@ def mix_seed(*values):
         state = (state ^ (state >> 27)) * 0x94D049BB133111EB & mask
         state ^= state >> 31
     return state >> 1
+
+
+DECODER_DRAW = 1  # mixed into a sample's seed for the decoder's draw, apart from its augmentation
+
+
+def decoded_by_pil(sample_seed, share):
+    """Whether backend ``gpu`` leaves this sample's JPEG to PIL: true for a ``share`` of the seeds.
+
+    A sample's seed is mixed from (seed, epoch, position), so the choice is the same in a resumed
+    epoch and with any number of workers, processes or batch size, and no generator is drawn from.
+    """
+    return mix_seed(sample_seed, DECODER_DRAW) < share * 2 ** 63
 
 
 class SeededSampler(torch.utils.data.Sampler):

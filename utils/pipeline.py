@@ -5,7 +5,9 @@ Backend ``pil``: a worker decodes the file with PIL, crops, resizes and flips it
 uint8 pixels. Backend ``gpu``: a worker reads the file's bytes and header only; the device decodes
 the batch's JPEG files together, then crops, resizes and flips each. Files the device's decoder
 cannot take (CMYK JPEGs, PNGs under a .JPEG name, truncated files) go the ``pil`` way in the
-worker. In both, lighting and normalisation run on the device (``Batch.to_device``).
+worker, and so does a share of the others chosen per sample (``--cpu_decode_share``), so that idle
+workers take part of the decoding off the device. In both, lighting and normalisation run on the
+device (``Batch.to_device``).
 """
 import io
 import warnings
@@ -54,16 +56,17 @@ def read_with_pil(path, target, image_size, train):
         return Sample(target, path, augmentation, pixels=pixels_with_pil(image, image_size, augmentation))
 
 
-def read_for_device(path, target, image_size, train):
+def read_for_device(path, target, image_size, train, decode_with_pil=False):
     """Backend ``gpu``: the file's bytes and its augmentation, drawn from the header alone.
 
-    A file the device cannot decode is decoded here instead, as the ``pil`` backend would.
+    A file the device cannot decode, or any file with ``decode_with_pil``, is decoded here
+    instead, as the ``pil`` backend would.
     """
     with open(path, "rb") as file:
         data = file.read()
     header = Image.open(io.BytesIO(data))  # parses the header; the pixels stay undecoded
     augmentation = draw_augmentation(header) if train else None
-    if device_decodable(header, data):
+    if not decode_with_pil and device_decodable(header, data):
         return Sample(target, path, augmentation, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8))
     return Sample(target, path, augmentation, pixels=pixels_with_pil(header, image_size, augmentation))
 
@@ -71,9 +74,6 @@ def read_for_device(path, target, image_size, train):
 def pixels_with_pil(image, image_size, augmentation):
     """An opened PIL image decoded to RGB and cropped: uint8 (S, S, 3), read-only."""
     return np.asarray(crop(image.convert("RGB"), image_size, augmentation))
-
-
-READERS = {"pil": read_with_pil, "gpu": read_for_device}
 
 
 def device_decodable(header, data):
@@ -211,8 +211,24 @@ def decode_on_device(jpegs, device):
             for image in (try_decode_jpeg([jpeg], device) for jpeg in jpegs)]
 
 
+# Whether each device decode first waits for the work already queued on the current stream. Only
+# the hazard test (tests/test_cuda.py) turns it off, to show what the wait prevents.
+DRAIN_BEFORE_DEVICE_DECODE = True
+
+
 def try_decode_jpeg(jpegs, device):
     """torchvision's decode_jpeg on a list of files, or None if it fails."""
+    if device.type == "cuda" and DRAIN_BEFORE_DEVICE_DECODE:
+        # The decoder's outputs come from the caching allocator, which hands out a block freed on
+        # the current stream at once, since later work on that stream runs after the work queued
+        # before it. nvJPEG breaks that order: its hardware decode (Hopper) writes its outputs
+        # before the work queued on the stream has run, and torchvision submits the decode on a
+        # stream of its own that does not wait for the current one. Either way the decoder can
+        # overwrite a block that queued kernels still read (the previous batch's crops, here).
+        # Waiting for the current stream first, on the host, leaves no queued reader (a wait queued
+        # on a stream would not do: the hardware decoder does not keep to stream order). In
+        # training it is the decoding thread's own stream, so the training step does not wait.
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         # torchvision 0.29 marks its image codecs deprecated in favour of a separate package.
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -54,12 +54,16 @@ class TrainingData:
 
     def __init__(self, args, ctx):
         workers = resolve_workers(args.workers, ctx.local_world_size)
-        self.train_set = open_split(args.data, "train", args.image_size, args.data_backend)
+        self.train_set = open_split(args.data, "train", args.image_size, args.data_backend,
+                                    cpu_decode_share=args.cpu_decode_share)
         self.val_set = open_split(args.data, "val", args.image_size, args.data_backend,
-                                  class_to_idx=self.train_set.class_to_idx)
+                                  class_to_idx=self.train_set.class_to_idx,
+                                  cpu_decode_share=args.cpu_decode_share)
         self.num_classes = len(self.train_set.classes)
         self.train_sampler = SeededSampler(len(self.train_set), args.seed, True, ctx.rank, ctx.world_size)
-        self.val_sampler = SeededSampler(len(self.val_set), args.seed, False, ctx.rank, ctx.world_size)
+        # Validation draws nothing from its seeds but the gpu backend's PIL share: seed 0, as in
+        # evaluate.py, so that both decode each file the same way.
+        self.val_sampler = SeededSampler(len(self.val_set), 0, False, ctx.rank, ctx.world_size)
         pin = ctx.device.type == "cuda"
         per_rank_batch = args.batch_size // ctx.world_size
         self.train_loader = make_loader(self.train_set, self.train_sampler, per_rank_batch, workers, pin)

@@ -6,9 +6,10 @@ existing scripts carry over. Defaults come from the recipe (utils/recipe.py).
 import os
 
 from . import recipe
-from .cli import (OneLineErrorParser, add_device_flag, add_unreadable_flag, add_workers_flag,
-                  require_at_least, require_image_size, require_positive, require_share)
-from .data import BACKENDS
+from .cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag, add_unreadable_flag,
+                  add_workers_flag, require_at_least, require_image_size, require_positive,
+                  require_share)
+from .data import BACKENDS, require_cpu_decode_share
 from .errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,7 @@ def build_parser(step):
     parser.add_argument("--data_backend", choices=BACKENDS, default="pil",
                         help="where images are decoded and resized: pil (in the loader's workers, the "
                              "published pixels) or gpu (JPEGs decoded on the device; see the README)")
+    add_cpu_decode_share_flag(parser)
     parser.add_argument("--image_size", type=int, default=224,
                         help="training crop; validation resizes to round(size/0.875) then centre-crops")
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
@@ -96,6 +98,7 @@ def validate(args, world_size=1):
     if args.workers is not None:
         require_at_least(0, {"--workers": args.workers})
     require_share("--max_unreadable_share", args.max_unreadable_share)
+    require_cpu_decode_share(args.cpu_decode_share)
     require_image_size(args.image_size)
     if args.batch_size % world_size:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide among "

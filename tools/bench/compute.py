@@ -154,12 +154,15 @@ class RecipeStepBenchmark:
     def choose_fastest(self):
         """Ours with every speed flag whose single-flag configuration beat ``ours`` in a probe.
 
-        The probe times each single-flag configuration between two passes of ``ours`` and
+        The probe runs once per step, so that every table of the report uses the same choice. It
+        times each single-flag configuration between two passes of ``ours`` and
         compares it with their mean, so a change of load during the probe cancels out. A
         configuration under 1/SLOW_FACTOR of ours in the probe is not timed again: its probe
         stands for it, which bounds the run time where a flag has no fast kernels on the device
         (bf16 without bf16 hardware).
         """
+        if self.fastest is not None:
+            return self.fastest
         ours = Variant()
         self.add(ours)
         singles = {flag: ours.with_flags([flag]) for flag in self.args.fastest_from}

@@ -50,21 +50,29 @@ def feed(run, batch, images):
     return len(batch)
 
 
+def decode_options(args):
+    """``(backend, share of the JPEGs decoded by PIL)`` of each way of decoding to measure: the
+    ``gpu`` backend once per ``--cpu_decode_shares``; the share is None where it means nothing."""
+    return [(backend, share) for backend in args.backends
+            for share in (args.cpu_decode_shares if backend == "gpu" else [None])]
+
+
 def benchmark_end_to_end(bench, variants, folder, args, log):
-    """Rows of fed training for each backend and each of ``variants`` of one RecipeStepBenchmark."""
+    """Rows of fed training for each decode option and each of ``variants`` of one
+    RecipeStepBenchmark."""
     rows = []
     pin = bench.device.type == "cuda"
-    for backend in args.backends:
-        dataset = open_split(folder, "train", args.image_size, backend)
+    for backend, share in decode_options(args):
+        dataset = open_split(folder, "train", args.image_size, backend, cpu_decode_share=share or 0.0)
         loader = make_loader(dataset, SeededSampler(len(dataset), args.seed), args.batch_size,
                              args.end_to_end_workers, pin)
         for variant in variants:
             if variant not in bench.runs:
                 continue
-            log(f"step {bench.step}: end to end, {backend} backend, {variant.name}")
+            log(f"step {bench.step}: end to end, {backend} backend (PIL share {share}), {variant.name}")
             measured = time_fed_training(bench.runs[variant], loader, args.end_to_end_iterations,
                                          args.warmup)
             rows.append({"step": bench.step, "config": variant.name, "backend": backend,
-                         "workers": args.end_to_end_workers, **measured})
+                         "cpu_decode_share": share, "workers": args.end_to_end_workers, **measured})
         del loader  # stops its workers
     return rows
