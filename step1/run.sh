@@ -6,7 +6,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 DATA="${DATA:-/path/to/imagenet}"    # ImageFolder root with train/ and val/
 BATCH_SIZE="${BATCH_SIZE:-256}"      # global batch, split over all processes
-LEARNING_RATE="${LEARNING_RATE:-1.25e-3}"
+OPTIMIZER="${OPTIMIZER:-adam}"       # adam (the paper's) or sgd
+LEARNING_RATE="${LEARNING_RATE:-}"   # empty: the optimizer's rate in utils/recipe.py
 EPOCHS="${EPOCHS:-256}"
 WEIGHT_DECAY="${WEIGHT_DECAY:-5e-6}"
 TEACHER="${TEACHER:-resnet34}"

@@ -63,8 +63,26 @@ def test_step1_run_sh_passes_environment_as_flags(pipeline):
     args = torch.load(os.path.join(pipeline["step1_dir"], "checkpoint.pth.tar"), weights_only=True)["args"]
     expected = {"data": pipeline["tiny_data"], "epochs": 1, "batch_size": 8, "image_size": 32,
                 "workers": 0, "teacher": "resnet18", "teacher_weights": pipeline["teacher_weights"],
-                "weight_decay": 5e-6, "device": "cpu"}
+                "weight_decay": 5e-6, "device": "cpu", "optimizer": "adam", "learning_rate": 1.25e-3}
     assert {k: args[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("variables, extra, rate", [
+    ({"OPTIMIZER": "sgd"}, [], 0.1),
+    ({}, ["--optimizer", "sgd"], 0.1),  # an extra argument overrides the variable's optimizer
+    ({"OPTIMIZER": "sgd", "LEARNING_RATE": "0.05"}, [], 0.05),
+], ids=["variable", "extra_argument", "rate_set"])
+def test_run_sh_rate_follows_the_optimizer_unless_set(teacher_weights, tmp_path, variables, extra, rate):
+    data = write_image_folder(tmp_path / "data", {"train": 1, "val": 1})
+    env = {"DATA": data, "EPOCHS": "1", "BATCH_SIZE": "3", "IMAGE_SIZE": "32", "TEACHER": "resnet18",
+           "TEACHER_WEIGHTS": teacher_weights, "WORKERS": "0", "SAVE": str(tmp_path / "run"),
+           "NGPUS": "1", **variables}
+    succeeded(run_sh(1, env, "--device", "cpu", "--no_metrics", *extra, cwd=str(tmp_path)))
+    state = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
+    assert state["args"]["optimizer"] == "sgd" and state["args"]["learning_rate"] == rate
+    # What trained: SGD's momentum buffers, and the base rate the schedule decays.
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [rate, rate]
 
 
 def test_step2_starts_from_step1_best(pipeline):

@@ -9,9 +9,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from utils import pipeline
+from utils import augment, pipeline
 from utils.augment import draw_augmentation, lighten
-from utils.augment import IMAGENET_MEAN, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, IMAGENET_STD
 from utils.data import (READ_ERRORS, SeededSampler, decoded_by_pil, images_per_second, make_loader,
                         on_device, open_split)
 
@@ -88,6 +87,16 @@ def data(tmp_path_factory):
     return str(root)
 
 
+# The published constants, written here so that the reference does not take them from the code
+# under test: ImageNet's channel statistics and the AlexNet PCA of its RGB values.
+PUBLISHED_MEAN = (0.485, 0.456, 0.406)
+PUBLISHED_STD = (0.229, 0.224, 0.225)
+PUBLISHED_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
+PUBLISHED_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
+                             [-0.5808, -0.0045, -0.8140],
+                             [-0.5836, -0.6948, 0.4203]])
+
+
 def published_lighting(pixels, shift):
     """The published PCA lighting: a float64 shift on the uint8 (H, W, 3) pixels, clipped, truncated."""
     return np.clip(pixels + shift, 0, 255).astype(np.uint8)
@@ -96,7 +105,7 @@ def published_lighting(pixels, shift):
 class PublishedLighting:
     def __call__(self, image):
         alpha = (torch.randn(3, dtype=torch.float64) * 0.1).float().numpy()
-        shift = IMAGENET_PCA_EIGVEC @ (alpha * IMAGENET_PCA_EIGVAL)
+        shift = PUBLISHED_EIGVEC @ (alpha * PUBLISHED_EIGVAL)
         return Image.fromarray(published_lighting(np.asarray(image), shift), "RGB")
 
 
@@ -107,7 +116,7 @@ def published_transform(train):
     else:
         steps = [transforms.Resize(round(IMAGE_SIZE / 0.875)), transforms.CenterCrop(IMAGE_SIZE)]
     return transforms.Compose(steps + [transforms.ToTensor(),
-                                       transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                                       transforms.Normalize(PUBLISHED_MEAN, PUBLISHED_STD)])
 
 
 def published_batches(dataset, sampler, train):
@@ -154,6 +163,14 @@ def decoded_pairs(data, split):
     """The uint8 images of each batch under both backends, before lighting: (pil, gpu, gpu batch)."""
     for pil_batch, gpu_batch in zip(*[loader_for(data, split, backend) for backend in ("pil", "gpu")]):
         yield pil_batch.decode(CPU), gpu_batch.decode(CPU), gpu_batch
+
+
+def test_the_pipeline_uses_the_published_constants():
+    # A flipped sign of a small eigenvector entry changes the lighting of too few samples for the
+    # batch comparison below to see it on a few dozen images; this sees every digit.
+    assert augment.IMAGENET_MEAN == PUBLISHED_MEAN and augment.IMAGENET_STD == PUBLISHED_STD
+    assert np.array_equal(augment.IMAGENET_PCA_EIGVAL, PUBLISHED_EIGVAL)
+    assert np.array_equal(augment.IMAGENET_PCA_EIGVEC, PUBLISHED_EIGVEC)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -266,7 +266,7 @@ def test_corrupt_images_are_skipped_and_named(corrupt_data, teacher_weights, tmp
     assert "2 unreadable training images skipped" in result.stdout
 
 
-def test_too_many_corrupt_images_in_a_batch_stop_the_run(corrupt_data, teacher_weights, tmp_path):
+def test_corrupt_images_beyond_the_limit_stop_the_run(corrupt_data, teacher_weights, tmp_path):
     args = train_args(corrupt_data, teacher_weights, tmp_path / "run", "--max_unreadable_share", 0)
     line = one_error_line(run_script("step1/train.py", *args))
     assert "unreadable" in line and "--max_unreadable_share" in line
@@ -311,7 +311,7 @@ def test_unreadable_validation_images_are_counted_after_the_summary(corrupt_val)
 
 def test_too_many_unreadable_validation_images_stop_the_evaluation(corrupt_val):
     line = one_error_line(evaluate_corrupt_val(corrupt_val, "--max_unreadable_share", 0))
-    assert "1 of 13 images" in line and "--max_unreadable_share" in line
+    assert "1 of the 13 validation images" in line and "--max_unreadable_share" in line
 
 
 def test_console_log_outlives_the_reader_of_the_output(tmp_path, monkeypatch):

@@ -362,12 +362,18 @@ def test_run_folder_holds_args_json_and_best_model(runs):
 
 # --- Determinism on GPUs ---
 
-def test_deterministic_settings_and_pooling():
+@pytest.mark.parametrize("preset, expected", [(None, ":4096:8"), (":16:8", ":16:8")])
+def test_deterministic_settings_and_pooling(monkeypatch, preset, expected):
+    # A workspace setting the user already made is kept; without one, the larger one is chosen.
+    # Set first, so that monkeypatch restores the variable as it was, also when it was unset.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", preset or "")
+    if preset is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     configure_device(torch.device("cuda"), deterministic=True)  # only flags: no GPU is touched
     try:
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == expected
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False

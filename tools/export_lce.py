@@ -52,7 +52,7 @@ from utils.cli import (OneLineErrorParser, add_unreadable_flag, add_workers_flag
                        require_positive, require_share, resolve_workers)
 from utils.data import make_loader, on_device, open_split
 from utils.errors import UserError, report_user_errors
-from utils.evaluation import check_unreadable
+from utils.evaluation import UnreadableLimit
 from utils.runtime import keep_freed_host_memory
 from utils.training_flags import REPO_ROOT
 
@@ -393,8 +393,9 @@ def census_problems(census, expected_bconvs, expected_conv2d):
 
 def readable_batches(loader, max_unreadable_share):
     """``(images, labels)`` of each batch of ``loader``, its unreadable images counted and left out."""
+    limit = UnreadableLimit(max_unreadable_share, print, images="validation images")
     for batch, inputs in on_device(loader, torch.device("cpu")):
-        check_unreadable(batch.unreadable, len(batch), max_unreadable_share, print)
+        limit.update(batch.unreadable, len(batch))
         if inputs is not None:
             yield inputs, batch.target
 

@@ -21,7 +21,7 @@ from utils.cli import (MAX_UNREADABLE_SHARE, OneLineErrorParser, add_device_flag
                        resolve_workers)
 from utils.data import SeededSampler, make_loader, open_split
 from utils.errors import UserError, report_user_errors
-from utils.evaluation import check_unreadable, evaluate
+from utils.evaluation import UnreadableLimit, evaluate
 from utils.runtime import seed_everything
 
 
@@ -70,9 +70,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, device):
     """One pass of cross-entropy training; returns the mean loss and acc@1 (in %)."""
     model.train()
     loss_sum, correct, count = 0.0, 0, 0
+    limit = UnreadableLimit(MAX_UNREADABLE_SHARE, log, images="training images")
     for batch in loader:
         images = batch.to_device(device)
-        check_unreadable(batch.unreadable, len(batch), MAX_UNREADABLE_SHARE, log)
+        limit.update(batch.unreadable, len(batch))
         if images is None:
             continue
         target = batch.target.to(device)

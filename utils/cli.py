@@ -11,8 +11,12 @@ from .data import CPU_DECODE_SHARE
 from .errors import UserError
 
 
-# Unreadable images are skipped; a batch with more than this share of them stops the run.
+# Unreadable images are skipped; more than this share of the images read so far in an epoch stops it.
 MAX_UNREADABLE_SHARE = 0.5
+# ...once they are more than this many. Early in an epoch a share is noise (one bad file among the
+# first images read is most of them), and ten files cost nothing to skip, while a folder that is
+# mostly broken still stops within its first few dozen images at the default share.
+UNREADABLE_FLOOR = 10
 
 
 def finite_float(text):
@@ -83,8 +87,10 @@ def require_at_least(minimum, flags):
 
 def add_unreadable_flag(parser):
     parser.add_argument("--max_unreadable_share", type=float, default=MAX_UNREADABLE_SHARE,
-                        help="unreadable images are skipped with a warning and counted; stop when "
-                             "more than this share of one batch is unreadable")
+                        help=f"unreadable images are skipped with a warning and counted; stop when "
+                             f"more than this share of the images read so far in the epoch (summed "
+                             f"over processes, not per batch) is unreadable and more than "
+                             f"{UNREADABLE_FLOOR} are; 0 stops at the first")
 
 
 def add_cpu_decode_share_flag(parser):

@@ -1,11 +1,12 @@
 """Accuracy of a classifier on a validation loader, as every entry point reports it."""
+import math
 import time
 
 import torch
 import torch.nn as nn
 
 from . import distributed
-from .cli import MAX_UNREADABLE_SHARE
+from .cli import MAX_UNREADABLE_SHARE, UNREADABLE_FLOOR
 from .data import on_device
 from .errors import UserError
 from .meters import AverageMeter, ProgressMeter, topk_correct
@@ -20,7 +21,7 @@ def evaluate(model, loader, device, amp="none", channels_last=False, log=print, 
     Under DDP each rank evaluates its own part of the set and the sums are added over ranks, so
     every sample counts exactly once. Prints the published summary `` * acc@1 X acc@5 Y``, then,
     if any image could not be read, how many were left out of it. Unreadable images are skipped
-    with a warning; a batch with more than ``max_unreadable_share`` of them stops the evaluation.
+    with a warning; more than ``max_unreadable_share`` of them stop the evaluation (UnreadableLimit).
     """
     model.eval()
     # loss, correct@1, correct@5, readable count, unreadable count
@@ -29,8 +30,9 @@ def evaluate(model, loader, device, amp="none", channels_last=False, log=print, 
               AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")]
     progress = ProgressMeter(len(loader), meters, prefix="Test: ")
     end = time.time()
+    limit = UnreadableLimit(max_unreadable_share, log, ctx, "validation images")
     for i, (batch, images) in enumerate(on_device(loader, device, channels_last)):
-        check_unreadable(batch.unreadable, len(batch), max_unreadable_share, log)
+        limit.update(batch.unreadable, len(batch))
         sums[4] += len(batch.unreadable)
         if images is None:
             continue
@@ -48,6 +50,10 @@ def evaluate(model, loader, device, amp="none", channels_last=False, log=print, 
             log(progress.line(i))
         end = time.time()
     if ctx is not None:
+        # Rank 0 holds the largest part of the set: the others count along until it is done.
+        for _ in range(math.ceil(math.ceil(len(loader.dataset) / ctx.world_size) / loader.batch_size)
+                       - len(loader)):
+            limit.update([], 0)
         distributed.all_reduce_sum(sums, ctx)
     loss_sum, c1, c5, n, excluded = sums.tolist()
     if n == 0:
@@ -60,12 +66,43 @@ def evaluate(model, loader, device, amp="none", channels_last=False, log=print, 
     return {"loss": loss_sum / n, "top1": top1, "top5": top5, "unreadable": int(excluded)}
 
 
-def check_unreadable(unreadable, readable, max_share, log):
-    """Warns about each unreadable image of a batch; a UserError when they are more than
-    ``max_share`` of it."""
-    for item in unreadable:
-        log(f"warning: skipped unreadable image {item.path} ({item.reason})")
-    if len(unreadable) > max_share * (readable + len(unreadable)):
-        raise UserError(f"{len(unreadable)} of {readable + len(unreadable)} images of a batch "
-                        f"were unreadable (e.g. {unreadable[0].path}), more than "
-                        f"--max_unreadable_share {max_share}: check the dataset")
+class UnreadableLimit:
+    """Counts the images of one pass over a split (an epoch) read so far and those that could not
+    be; stops the pass when the unreadable ones are more than ``max_share`` of all read and more
+    than ``UNREADABLE_FLOOR`` (any one, when ``max_share`` is 0).
+
+    It judges the running totals after every batch, never a batch's own share: a lone bad file in
+    a small last batch does not stop a pass that a larger batch size would finish, and the batch
+    size only decides how many images after a bad file are counted when it is judged. The totals
+    are summed over processes, so every process decides the same, on the numbers a single process
+    reading the same images would have.
+
+    Args:
+        max_share: ``--max_unreadable_share``.
+        log: prints the warning naming each unreadable image.
+        ctx: the distributed context; None for a single process. Every process must call ``update``
+            the same number of times.
+        images: what the images are, for the error message.
+    """
+
+    def __init__(self, max_share, log, ctx=None, images="images"):
+        self.max_share, self.log, self.ctx, self.images = max_share, log, ctx, images
+        self.unreadable, self.read, self.example = 0, 0, None
+
+    def update(self, unreadable, readable):
+        """Adds one batch: its UnreadableImages and its number of readable images."""
+        for item in unreadable:
+            self.log(f"warning: skipped unreadable image {item.path} ({item.reason})")
+            self.example = item.path
+        counts = [len(unreadable), len(unreadable) + readable]
+        if self.ctx is not None and self.ctx.distributed:
+            counts = distributed.all_reduce_sum(torch.tensor(counts, device=self.ctx.device), self.ctx).tolist()
+        self.unreadable += counts[0]
+        self.read += counts[1]
+        allowed = max(UNREADABLE_FLOOR, self.max_share * self.read) if self.max_share else 0
+        if self.unreadable > allowed:
+            example = f" (e.g. {self.example})" if self.example else ""
+            raise UserError(f"{self.unreadable} of the {self.read} {self.images} read so far were "
+                            f"unreadable{example}, more than --max_unreadable_share {self.max_share} "
+                            f"of them and more than {UNREADABLE_FLOOR if self.max_share else 0}: "
+                            f"check the dataset")

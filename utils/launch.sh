@@ -1,9 +1,11 @@
 # Sourced by step1/run.sh and step2/run.sh after they set their variables: turns the variables
 # into train.py flags and starts one process, or torchrun when there are several.
 
-flags=(--data "$DATA" --batch_size "$BATCH_SIZE" --learning_rate "$LEARNING_RATE"
+flags=(--data "$DATA" --batch_size "$BATCH_SIZE" --optimizer "$OPTIMIZER"
        --epochs "$EPOCHS" --weight_decay "$WEIGHT_DECAY" --teacher "$TEACHER"
        --image_size "$IMAGE_SIZE" --seed "$SEED" --save "$SAVE")
+# Unset, the rate follows the optimizer, also one named among the extra arguments.
+if [ -n "$LEARNING_RATE" ]; then flags+=(--learning_rate "$LEARNING_RATE"); fi
 if [ -n "$TEACHER_WEIGHTS" ]; then flags+=(--teacher_weights "$TEACHER_WEIGHTS"); fi
 if [ -n "$WORKERS" ]; then flags+=(--workers "$WORKERS"); fi
 flags+=("${STEP_FLAGS[@]}")   # what only this step takes

@@ -5,6 +5,7 @@ from ``SAVE/checkpoint.pth.tar`` when it exists, and runs the epochs: each train
 distillation loss, validates on the true labels and writes a checkpoint that restores everything.
 """
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ from .cli import resolve_workers
 from .data import SeededSampler, make_loader, on_device, open_split
 from .distill import build_teacher
 from .errors import UserError, report_user_errors
-from .evaluation import check_unreadable, evaluate
+from .evaluation import UnreadableLimit, evaluate
 from .meters import AverageMeter, ProgressMeter
 from .monitor import MetricsLog, PaperMetrics
 from .optim import build_optimizer, build_scheduler
@@ -34,15 +35,75 @@ from .training_step import NonFiniteLoss, TrainingStep
 
 
 # Flags whose change makes another experiment: a resume with other values is refused unless asked
-# for. The others (workers, printing, device, speed flags...) may change between runs.
+# for. The data backend and the share of JPEGs it leaves to PIL are among them: the device's pixels
+# differ from PIL's by up to a grey level.
 EXPERIMENT_FLAGS = ("learning_rate", "weight_decay", "epochs", "batch_size", "optimizer", "teacher",
-                    "teacher_weights", "image_size", "seed", "data")
+                    "teacher_weights", "image_size", "seed", "data", "data_backend", "cpu_decode_share",
+                    "step1_checkpoint")
+# Flags that change only speed or rounding: a resume may change them, and the change is recorded.
+# The others (workers, printing, device...) may change freely between runs.
+SPEED_FLAGS = ("amp", "fused_optimizer", "channels_last", "compile", "deterministic")
+# Flags that name what the run reads: compared by the folder's real path and the files' content.
+INPUT_FLAGS = ("data", "teacher_weights", "step1_checkpoint")
 
 
-def changed_flags(saved_args, args):
-    """``{flag: (saved value, new value)}`` for each experiment flag that differs from the checkpoint's."""
-    return {flag: (saved_args[flag], getattr(args, flag)) for flag in EXPERIMENT_FLAGS
-            if flag in saved_args and saved_args[flag] != getattr(args, flag)}
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_inputs(args):
+    """What the path flags point to: the data folder's real path, and each weight file's real path
+    and content hash (no hash where the file is absent), so that another name for the same folder
+    or file, or a byte-identical copy of a file, is no change. A weight flag naming no file has no
+    entry."""
+    inputs = {"data": {"path": os.path.realpath(args["data"])}}
+    for flag in INPUT_FLAGS[1:]:
+        path = args.get(flag)
+        if path is not None and path.lower() != "none":
+            inputs[flag] = {"path": os.path.realpath(path),
+                            "sha256": file_sha256(path) if os.path.isfile(path) else None}
+    return inputs
+
+
+def same_input(old, new):
+    """Two ``describe_inputs`` entries: the same content where both files were read, else the same path."""
+    if old is None or new is None:
+        return old is new
+    if old.get("sha256") and new.get("sha256"):
+        return old["sha256"] == new["sha256"]
+    return old["path"] == new["path"]
+
+
+def shown(value, identity):
+    """A flag's value as a change names it: for a path, the real path, and the start of a file's hash."""
+    if identity is None:
+        return value
+    digest = identity.get("sha256")
+    return f"{identity['path']} (sha256 {digest[:12]})" if digest else identity["path"]
+
+
+def changed_flags(state, args, inputs):
+    """``{flag: (saved value, new value)}`` for each experiment or speed flag that differs from the
+    checkpoint's. Paths are compared by ``describe_inputs``; a checkpoint written before it kept
+    them has its recorded paths resolved and hashed now."""
+    saved_args, new_args = state["args"], vars(args)
+    saved_inputs = state.get("inputs") or describe_inputs(saved_args)
+    changes = {}
+    for flag in EXPERIMENT_FLAGS + SPEED_FLAGS:
+        if flag not in saved_args:
+            continue
+        if flag in INPUT_FLAGS:
+            same = same_input(saved_inputs.get(flag), inputs.get(flag))
+        else:
+            same = saved_args[flag] == new_args[flag]
+        if not same:
+            changes[flag] = (shown(saved_args[flag], saved_inputs.get(flag)),
+                             shown(new_args[flag], inputs.get(flag)))
+    return changes
 
 
 def describe_changes(changes):
@@ -100,7 +161,7 @@ class Trainer:
         self.saved_at = None  # (epoch, iteration) of the run folder's checkpoint, once there is one
         self.unreadable_count = 0
         self.initial_signs = None  # of the binary convs at the start of this step, for C2I
-        self.flag_changes = []  # each resume that applied changed experiment flags
+        self.flag_changes = []  # each resume that applied changed experiment or speed flags
 
         # Before resuming: the teacher's random initialisation must not draw from the restored RNG.
         self.teacher = self.build_teacher().to(self.device)
@@ -108,6 +169,7 @@ class Trainer:
             self.teacher.to(memory_format=torch.channels_last)
         if args.compile:
             self.teacher = torch.compile(self.teacher, backend=args.compile)
+        self.inputs = describe_inputs(vars(args))
         self.restore_or_initialise()
 
         # The paper's measurements read the weights, which are the same on every rank.
@@ -178,6 +240,7 @@ class Trainer:
             "rng": run_folder.rng_state(),
             "initial_signs": self.initial_signs,
             "flag_changes": self.flag_changes,
+            "inputs": self.inputs,
         }
 
     def resume(self, path):
@@ -189,9 +252,12 @@ class Trainer:
                             f"{self.num_classes} classes: pass a new --save folder for this run")
         changes = self.check_changes(state, path)
         load_weights(self.student, state, path)
+        for group in state["optimizer"]["param_groups"]:  # this run's kernel, not the saved one's
+            group["fused"] = self.optimizer.param_groups[0]["fused"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without --amp fp16: this run's scaler starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.saved_at = (self.epoch, self.iteration)
         if self.non_finite_tensors():
@@ -207,18 +273,23 @@ class Trainer:
             self.apply_changes(changes)
 
     def check_changes(self, state, path):
-        """The experiment flags that differ from the checkpoint's; a UserError unless the run was
-        told to continue with them, or where no continuation can honour them."""
-        changes = changed_flags(state["args"], self.args)
-        if not changes:
-            return changes
-        if not self.args.resume_with_changes:
-            raise UserError(f"{path} was trained with other flags: {describe_changes(changes)}; pass "
-                            f"a new --save to start a new experiment, or --resume_with_changes to "
-                            f"continue this run with the new values")
+        """The experiment and speed flags that differ from the checkpoint's; a UserError for an
+        experiment flag unless the run was told to continue with it, or where no continuation can
+        honour it."""
+        changes = changed_flags(state, self.args, self.inputs)
+        if "step1_checkpoint" in changes:
+            old, new = changes["step1_checkpoint"]
+            raise UserError(f"{path} was started from --step1_checkpoint {old}, not {new}: a resumed "
+                            f"run goes on from its own weights and cannot start again from others; "
+                            f"pass the same file, or a new --save to start a new run")
         if "optimizer" in changes:
             raise UserError(f"{path} was trained with --optimizer {changes['optimizer'][0]}, whose "
                             f"state cannot continue as {changes['optimizer'][1]}: pass a new --save")
+        experiment = {flag: pair for flag, pair in changes.items() if flag in EXPERIMENT_FLAGS}
+        if experiment and not self.args.resume_with_changes:
+            raise UserError(f"{path} was trained with other flags: {describe_changes(experiment)}; "
+                            f"pass a new --save to start a new experiment, or --resume_with_changes "
+                            f"to continue this run with the new values")
         if "batch_size" in changes and state["iteration"]:
             raise UserError(f"{path} stopped inside an epoch, which cannot continue with another "
                             f"--batch_size: finish the epoch with --batch_size "
@@ -227,8 +298,8 @@ class Trainer:
 
     def apply_changes(self, changes):
         """Continues with the new learning rate, weight decay and schedule length, as if the
-        schedule had always had them; data, teacher, size and seed are already built from the new
-        flags. The change is kept in every later checkpoint and logged."""
+        schedule had always had them; data, teacher, size, seed and the speed flags are already
+        built from the new flags. The change is kept in every later checkpoint and logged."""
         base = self.args.learning_rate
         rate = base * (1.0 - self.scheduler.last_epoch / self.args.epochs)
         self.scheduler.base_lrs = [base] * len(self.optimizer.param_groups)
@@ -332,10 +403,11 @@ class Trainer:
             self.metrics.start_epoch()
         # Hooks inside a compiled model would force recompilation, so saturation is sampled eagerly only.
         sample_saturation = self.metrics and not args.compile
+        limit = UnreadableLimit(args.max_unreadable_share, self.log, self.ctx, "training images")
         for batch, images in stop.guard(on_device(loader, self.device, args.channels_last)):
             i = self.iteration
             data_time.update(time.time() - end)
-            check_unreadable(batch.unreadable, len(batch), args.max_unreadable_share, self.log)
+            limit.update(batch.unreadable, len(batch))
             self.unreadable_count += len(batch.unreadable)
             target = batch.target.to(self.device, non_blocking=True)
             try:

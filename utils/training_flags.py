@@ -70,15 +70,19 @@ def build_parser(step):
                         help="PyTorch's fused Adam kernel (faster; rounds slightly differently)")
     parser.add_argument("--resume_with_changes", action="store_true",
                         help="resume a run folder although learning rate, weight decay, epochs, batch "
-                             "size, teacher, image size, seed or data differ from its checkpoint, "
-                             "continuing with the new values")
+                             "size, teacher (or its weights' content), image size, seed, data folder "
+                             "or data backend differ from its checkpoint, continuing with the new "
+                             "values (the speed flags --amp, --fused_optimizer, --channels_last, "
+                             "--compile and --deterministic may change without it; every change is "
+                             "recorded in the checkpoint's flag_changes)")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic GPU kernels (cuDNN deterministic, no autotuning, "
                              "torch.use_deterministic_algorithms), so a resumed GPU run is bit-identical; slower")
     if step == 2:
         parser.add_argument("--step1_checkpoint", default=default_step1_checkpoint(),
                             help="step-1 weights to start from, loaded strictly "
-                                 "(default: step1/models/model_best.pth.tar); 'none' trains from scratch")
+                                 "(default: step1/models/model_best.pth.tar); 'none' trains from scratch; "
+                                 "a resumed run refuses weights other than those it started from")
     return parser
 
 
