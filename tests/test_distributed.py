@@ -99,8 +99,8 @@ def test_sigterm_to_run_sh_under_torchrun_saves_and_exits_with_143(tiny_data, te
     here.mkdir()
     (here / "train.py").symlink_to(os.path.join(REPO, "tests", "interrupted_run.py"))
     save = tmp_path / "run"
-    variables = dict(DATA=tiny_data, BATCH_SIZE=8, LEARNING_RATE=1e-3, EPOCHS=2, WEIGHT_DECAY=5e-6,
-                     TEACHER="resnet18", TEACHER_WEIGHTS=teacher_weights, IMAGE_SIZE=32, SEED=0,
+    variables = dict(DATA=tiny_data, BATCH_SIZE=8, OPTIMIZER="adam", LEARNING_RATE=1e-3, EPOCHS=2,
+                     WEIGHT_DECAY=5e-6, TEACHER="resnet18", TEACHER_WEIGHTS=teacher_weights, IMAGE_SIZE=32, SEED=0,
                      WORKERS=1, SAVE=save, LOG=save / "run.log", NGPUS=2, NNODES=1, NODE_RANK=0,
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
     env = {name: str(value) for name, value in variables.items()}
