@@ -1,5 +1,6 @@
 """Command-line pieces shared by the training steps, evaluate.py and the tools."""
 import argparse
+import math
 import os
 
 import torch
@@ -21,8 +22,22 @@ MAX_IMAGE_SIZE = 4096
 UNREADABLE_FLOOR = 10
 
 
+def finite_float(text):
+    """A float flag's value: NaN and infinity pass float() but no setting means them (an infinite
+    learning rate turns every weight into NaN at the first update)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number: pass a finite value")
+    return value
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line (no usage block) and exits with status 2."""
+    """argparse, but a bad flag prints one line (no usage block) and exits with status 2, and every
+    ``type=float`` flag refuses NaN and infinity."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")

@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import queue
+import signal
 import threading
 import time
 
@@ -224,7 +225,20 @@ def make_loader(dataset, sampler, batch_size, workers, pin_memory):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         collate_fn=functools.partial(Batch, image_size=dataset.image_size), pin_memory=pin_memory,
-        drop_last=False, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        drop_last=False, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker_id):
+    """Makes a loader worker ignore SIGTERM and SIGINT.
+
+    A cluster scheduler (and Ctrl-C) signals every process of the job, the workers included; a worker
+    that died of it would take the main process down before it saved. The main process alone decides
+    to stop, and then ends its workers as it always does: by shutting the loader down, or by exiting
+    (each worker also ends on its own once its parent is gone).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def on_device(loader, device, channels_last=False, ahead=None):

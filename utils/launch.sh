@@ -34,9 +34,25 @@ else
   launcher=(python)
 fi
 
+# A scheduler's SIGTERM (scancel, preemption) or Ctrl-C reaches every process of the job: train.py
+# then saves a checkpoint and exits with 128 + the signal's number. This script waits for it (tee
+# ignores the signal so that the last lines still reach the log) and exits with that status.
+# torchrun passes the signal on to its processes but exits 1 itself; the run's own log says
+# whether they stopped and saved.
+signalled=0
+trap 'signalled=143' TERM
+trap 'signalled=130' INT
+status=0
 # The log goes beside the checkpoints; if that folder cannot be made, train.py says why.
 if mkdir -p "$(dirname "$LOG")" 2>/dev/null && touch "$LOG" 2>/dev/null; then
-  "${launcher[@]}" "$HERE/train.py" "${flags[@]}" "$@" 2>&1 | tee -a "$LOG"
+  "${launcher[@]}" "$HERE/train.py" "${flags[@]}" "$@" 2>&1 | (trap '' INT TERM; exec tee -a "$LOG") \
+    || status=$?
 else
-  "${launcher[@]}" "$HERE/train.py" "${flags[@]}" "$@"
+  "${launcher[@]}" "$HERE/train.py" "${flags[@]}" "$@" || status=$?
 fi
+if [ "$signalled" -ne 0 ] && [ "$status" -ne "$signalled" ] && [ "$status" -ne 0 ] \
+    && [[ "$(tail -n 1 "$SAVE/log.txt" 2>/dev/null)" == "=> stopped by "* ]]; then
+  echo "=> the training processes stopped and saved (above); exiting with status $signalled" >&2
+  status=$signalled
+fi
+exit "$status"

@@ -164,6 +164,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         # Below any accuracy, so the first validation always writes model_best.pth.tar.
         self.epoch, self.iteration, self.best_top1 = 0, 0, float("-inf")
+        self.saved_at = None  # (epoch, iteration) of the run folder's checkpoint, once there is one
         self.unreadable_count = 0
         # The epoch in progress's loss and accuracy meters, whose sums a mid-epoch checkpoint keeps
         # so that the epoch's record covers all its iterations; those restored wait in resumed_sums.
@@ -278,6 +279,10 @@ class Trainer:
         if state["scaler"]:  # empty when saved without --amp fp16: this run's scaler starts afresh
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self.saved_at = (self.epoch, self.iteration)
+        if self.non_finite_tensors():
+            raise UserError(f"{path} holds NaN or infinite weights or optimizer state, from which no "
+                            f"run can continue: pass a new --save")
         self.best_top1 = state["best_top1_acc"]
         run_folder.set_rng_state(state["rng"])
         self.initial_signs = state.get("initial_signs")
@@ -326,9 +331,38 @@ class Trainer:
                                   "changes": {flag: list(pair) for flag, pair in changes.items()}})
         self.log(f"=> continuing with changed flags: {describe_changes(changes)}")
 
+    def non_finite_tensors(self):
+        """Names of the weights, buffers and optimizer state tensors that hold a NaN or an infinity."""
+        tensors = dict(self.student.state_dict())
+        for index, state in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"optimizer state {index} {key}": value for key, value in state.items()
+                            if torch.is_tensor(value)})
+        return [name for name, tensor in tensors.items()
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+    def diverged(self, what):
+        """The UserError for a run whose numbers became NaN or infinite: ``what`` happened, what the
+        run folder keeps and what to do. Every rank holds the same values, so all raise it together."""
+        lower = "a lower --learning_rate or --weight_decay"
+        if self.args.amp != "none":
+            lower += ", or without --amp"
+        if self.saved_at is None:
+            return UserError(f"{what}; {self.save_dir} holds no checkpoint of this run: start it "
+                             f"again with {lower}")
+        return UserError(f"{what}; the checkpoint in {self.save_dir} (epoch {self.saved_at[0]} "
+                         f"iteration {self.saved_at[1]}) is kept: resume it with --resume_with_changes "
+                         f"and {lower}")
+
     def save(self, is_best=False):
+        """Writes the checkpoint (on the main process), unless it could not be resumed."""
+        non_finite = self.non_finite_tensors()
+        if non_finite:
+            raise self.diverged(f"the weights or optimizer state became NaN or infinite by epoch "
+                                f"{self.epoch} iteration {self.iteration} ({len(non_finite)} tensors, "
+                                f"first {non_finite[0]}); not saved")
         if self.ctx.is_main:
             run_folder.save(self.state_dict(), self.save_dir, is_best)
+        self.saved_at = (self.epoch, self.iteration)
         distributed.barrier(self.ctx)
 
     def fit(self):
@@ -405,10 +439,8 @@ class Trainer:
                 with self.metrics.sample_saturation() if sample_saturation else contextlib.nullcontext():
                     result = self.training_step(images, target, stop.requested)
             except NonFiniteLoss as e:
-                raise UserError(f"the loss became non-finite ({e.loss}) at epoch {self.epoch} "
-                                f"iteration {i}; stopped before updating the weights, the last "
-                                f"checkpoint in {self.save_dir} is kept: resume with a lower "
-                                f"--learning_rate or without --amp") from None
+                raise self.diverged(f"the loss became non-finite ({e.loss}) at epoch {self.epoch} "
+                                    f"iteration {i}; stopped before updating the weights") from None
             stopping = result.stop
             self.iteration += 1
             n = len(target)
@@ -429,7 +461,7 @@ class Trainer:
                 break
             end = time.time()
         if stop.requested:
-            if not stopping:  # the loader broke off (its workers got the signal too): save here
+            if not stopping:  # the loader broke off (a worker died of the signal): save here
                 self.save()
             raise self.stopped(stop)
         return {"loss": losses.avg, "top1": top1.avg, "top5": top5.avg}
