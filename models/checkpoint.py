@@ -1,4 +1,6 @@
 """Reading model weights from our checkpoints and from the authors' released ReActNet-A files."""
+import re
+
 import torch
 
 from .registry import ModelSpec, RegistryError, build_model, get_architecture
@@ -26,15 +28,24 @@ def read_checkpoint(path):
     except PermissionError:
         raise CheckpointError(f"no permission to read {path}") from None
     except Exception as e:  # garbage makes the unpickler fail in many ways; all mean "not a checkpoint"
-        if "Weights only load failed" in str(e):
-            reason = ("it holds pickled Python objects besides tensors and plain containers, which "
-                      "are never loaded since unpickling them could run code")
-        else:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason[:200]})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
+                              f"({refusal_reason(e)[:200]})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
     return obj
+
+
+def refusal_reason(error):
+    """Why torch.load(weights_only=True) refused a file, in a few words, from its ``error``."""
+    message = str(error)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.*)", message)
+    if unpickler is None:
+        return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    python_object = re.match(r"Unsupported global: GLOBAL (\S+)", unpickler.group(1))
+    if python_object:
+        return (f"it holds pickled Python objects ({python_object.group(1)}) besides tensors and "
+                f"plain containers, which are never loaded since unpickling them could run code")
+    return f"its contents are not what torch.save writes: {unpickler.group(1).strip()}"
 
 
 def extract_state_dict(checkpoint, path="checkpoint"):

@@ -1,30 +1,31 @@
 #!/usr/bin/env bash
 # AdamBNN step 2: binary activations and weights, started from step 1. Edit a value here, or override it from the
 # environment (e.g. `DATA=/data/imagenet EPOCHS=128 bash run.sh`); extra arguments go to train.py.
+# A variable set but empty is refused, except those whose comment gives empty a meaning.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-DATA="${DATA:-/path/to/imagenet}"    # ImageFolder root with train/ and val/
-ARCH="${ARCH:-}"                     # empty: the architecture of the step-1 checkpoint
-BATCH_SIZE="${BATCH_SIZE:-256}"      # global batch, split over all processes
-OPTIMIZER="${OPTIMIZER:-adam}"       # adam (the paper's) or sgd
+DATA="${DATA-/path/to/imagenet}"    # ImageFolder root with train/ and val/
+ARCH="${ARCH-}"                     # empty: the architecture of the step-1 checkpoint
+BATCH_SIZE="${BATCH_SIZE-256}"      # global batch, split over all processes
+OPTIMIZER="${OPTIMIZER-adam}"       # adam (the paper's) or sgd
 LEARNING_RATE="${LEARNING_RATE:-}"   # empty: the optimizer's rate in utils/recipe.py
-EPOCHS="${EPOCHS:-256}"
-WEIGHT_DECAY="${WEIGHT_DECAY:-0}"
-TEACHER="${TEACHER:-resnet34}"
+EPOCHS="${EPOCHS-256}"
+WEIGHT_DECAY="${WEIGHT_DECAY-0}"
+TEACHER="${TEACHER-resnet34}"
 TEACHER_WEIGHTS="${TEACHER_WEIGHTS:-}"   # empty: torchvision's ImageNet weights
-IMAGE_SIZE="${IMAGE_SIZE:-224}"
-SEED="${SEED:-0}"
+IMAGE_SIZE="${IMAGE_SIZE-224}"
+SEED="${SEED-0}"
 WORKERS="${WORKERS:-}"               # empty: chosen from the CPU count
-SAVE="${SAVE:-$HERE/models}"
-STEP1_CHECKPOINT="${STEP1_CHECKPOINT:-$(dirname "$HERE")/step1/models/model_best.pth.tar}"   # none: from scratch
+SAVE="${SAVE-$HERE/models}"
+STEP1_CHECKPOINT="${STEP1_CHECKPOINT-$(dirname "$HERE")/step1/models/model_best.pth.tar}"   # none: from scratch
 STEP_FLAGS=(--step1_checkpoint "$STEP1_CHECKPOINT")
-LOG="${LOG:-$SAVE/run.log}"         # everything printed, errors included, is appended here
+LOG="${LOG-$SAVE/run.log}"         # everything printed, errors included, is appended here
 # Processes: NGPUS per node (default: every visible GPU, 1 on CPU), NNODES nodes in all.
 NGPUS="${NGPUS:-}"
-NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:-0}"
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
+NNODES="${NNODES-1}"
+NODE_RANK="${NODE_RANK-0}"
+MASTER_ADDR="${MASTER_ADDR-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT-29500}"
 
 source "$HERE/../utils/launch.sh"

@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: a tiny ImageFolder dataset and a teacher trained for nothing."""
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -112,3 +113,23 @@ def last_val_line(text):
     lines = re.findall(r"^ \* acc@1 \S+ acc@5 \S+$", text, flags=re.M)
     assert lines, text[-2000:]
     return lines[-1]
+
+
+def signalled_group(command, signal_name, after_step, env=None):
+    """Runs ``command`` (which starts tests/interrupted_run.py, waiting right after optimizer step
+    ``after_step``) in a session of its own, and once it waits sends ``signal_name`` from here to its
+    whole process group, as a cluster scheduler does. Returns the CompletedProcess, stderr merged
+    into stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", INTERRUPT_SIGNAL=signal_name,
+               INTERRUPT_AFTER_STEP=str(after_step), INTERRUPT_TARGET="outside", **(env or {}))
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, start_new_session=True) as run:
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if line.startswith("interrupted_run: waiting"):
+                os.killpg(run.pid, getattr(signal, signal_name))
+                break
+        output = "".join(lines) + run.stdout.read()
+        returncode = run.wait(timeout=600)
+    return subprocess.CompletedProcess(command, returncode, output, "")

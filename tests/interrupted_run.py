@@ -2,12 +2,16 @@
 
     python tests/interrupted_run.py SCRIPT [FLAGS...]
 
-SCRIPT (e.g. step1/train.py) runs as ``__main__`` in this process, with FLAGS as its arguments.
-Right after the optimizer step number INTERRUPT_AFTER_STEP (1-based, counted in this process), a
-PyTorch optimizer post-hook sends the signal INTERRUPT_SIGNAL (a name such as SIGKILL or SIGTERM)
-to this process, or with INTERRUPT_TARGET=parent to the parent process (torchrun's agent, as a
-cluster scheduler would), and for a signal the script handles it then waits until that signal has
-reached this process. Under torchrun only the rank INTERRUPT_RANK (default 0) sends it.
+SCRIPT (e.g. step1/train.py) runs as ``__main__`` in this process, with FLAGS as its arguments;
+with INTERRUPTED_SCRIPT=SCRIPT set, all the arguments are FLAGS (so that a launcher can start this
+file in place of the script). Right after the optimizer step number INTERRUPT_AFTER_STEP (1-based,
+counted in this process), a PyTorch optimizer post-hook sends the signal INTERRUPT_SIGNAL (a name
+such as SIGKILL or SIGTERM) to this process, or with INTERRUPT_TARGET=parent to the parent process
+(torchrun's agent, as a cluster scheduler would), and for a signal the script handles it then waits
+until that signal has reached this process. With INTERRUPT_TARGET=outside it sends nothing: it
+prints a line starting with ``interrupted_run: waiting`` and waits for the signal from another
+process (a test sending it to the whole process group, as a scheduler does). Under torchrun only
+the rank INTERRUPT_RANK (default 0) sends it or waits for it.
 
 The moment is a fixed point of the run (an update applied in memory, nothing after it saved), so
 what a test checks does not depend on timing.
@@ -22,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 after_step = int(os.environ["INTERRUPT_AFTER_STEP"])
 signum = getattr(signal, os.environ["INTERRUPT_SIGNAL"])
-target = os.getppid() if os.environ.get("INTERRUPT_TARGET") == "parent" else os.getpid()
+target = {"parent": os.getppid(), "outside": None}.get(os.environ.get("INTERRUPT_TARGET"), os.getpid())
 sends = os.environ.get("RANK", "0") == os.environ.get("INTERRUPT_RANK", "0")
 
 received = []
@@ -49,9 +53,12 @@ def after_optimizer_step(optimizer, args, kwargs):
     steps += 1
     if steps != after_step or not sends:
         return
-    print(f"interrupted_run: sending {signal.Signals(signum).name} after optimizer step {steps}",
-          flush=True)
-    os.kill(target, signum)
+    name = signal.Signals(signum).name
+    if target is None:
+        print(f"interrupted_run: waiting for {name} after optimizer step {steps}", flush=True)
+    else:
+        print(f"interrupted_run: sending {name} after optimizer step {steps}", flush=True)
+        os.kill(target, signum)
     deadline = time.time() + 60
     while not received:  # a SIGKILL of this process never returns here
         assert time.time() < deadline, "the signal never arrived"
@@ -59,7 +66,11 @@ def after_optimizer_step(optimizer, args, kwargs):
 
 
 register_optimizer_step_post_hook(after_optimizer_step)
-script = os.path.abspath(sys.argv[1])
-sys.argv = sys.argv[1:]
+if "INTERRUPTED_SCRIPT" in os.environ:
+    script = os.path.abspath(os.environ["INTERRUPTED_SCRIPT"])
+    sys.argv = [script, *sys.argv[1:]]
+else:
+    script = os.path.abspath(sys.argv[1])
+    sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(os.path.dirname(script)))
 runpy.run_path(script, run_name="__main__")

@@ -8,6 +8,7 @@ import torchvision
 
 from conftest import (NUM_CLASSES, evaluate_args, last_val_line, run_script, run_sh,
                       single_error_line, succeeded, train_args, write_image_folder)
+from utils.cli import OneLineErrorParser
 
 BEST = "model_best.pth.tar"
 
@@ -205,3 +206,52 @@ def test_evaluate_other_architecture(tiny_data, teacher_weights):
     line = single_error_line(run_script("evaluate.py", *evaluate_args(tiny_data, teacher_weights)))
     assert "missing" in line and "feature.0.conv1.weight" in line, line
     assert "unexpected" in line and re.search(r"(?<![\w.])conv1\.weight", line), line
+
+
+def parser_builders():
+    """What builds the parser of each command line: the training steps, evaluate.py and the tools."""
+    import evaluate
+    from tools import ablation, benchmark, export_lce, landscape, make_demo_data, summary, train_teacher
+    from utils.training_flags import build_parser
+    return {"step1/train.py": lambda: build_parser(1), "step2/train.py": lambda: build_parser(2),
+            "evaluate.py": evaluate.parse_args, "tools.benchmark": benchmark.build_parser,
+            **{f"tools.{module.__name__.split('.')[-1]}": module.parse_args
+               for module in (ablation, export_lce, landscape, make_demo_data, summary, train_teacher)}}
+
+
+class Built(Exception):
+    """Carries a parser out of the function that built it, before it parses anything."""
+
+
+def built_parser(build, monkeypatch):
+    def catch(parser, *args, **kwargs):
+        raise Built(parser)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(OneLineErrorParser, "parse_args", catch)
+        try:
+            parser = build()
+        except Built as built:
+            parser = built.args[0]
+    return parser
+
+
+def test_every_float_flag_refuses_nan_and_infinity(monkeypatch, capsys):
+    refused = set()
+    for command, build in parser_builders().items():
+        parser = built_parser(build, monkeypatch)
+        for action in parser._actions:
+            if action.type is not float:
+                continue
+            flag = "/".join(action.option_strings)
+            for value in ("nan", "inf", "-inf"):
+                with pytest.raises(SystemExit) as exit_info:
+                    parser.parse_args([f"{action.option_strings[-1]}={value}"])
+                assert exit_info.value.code == 2
+                assert capsys.readouterr().err == (f"error: argument {flag}: {value} is not a finite "
+                                                   f"number: pass a finite value (see --help)\n"), command
+            refused.add(f"{command} {flag}")
+    assert {"step1/train.py --learning_rate", "step1/train.py --weight_decay",
+            "step2/train.py --weight_decay", "evaluate.py --max_unreadable_share",
+            "tools.landscape --span", "tools.train_teacher --weight_decay",
+            "tools.ablation --adam_learning_rate"} <= refused

@@ -1,13 +1,15 @@
 """torchrun with two CPU processes (gloo): same validation as one process, exact resume, clear errors."""
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, run_script, train_args
+from conftest import REPO, run_script, signalled_group, train_args
 from utils import run_folder
 
 
@@ -82,6 +84,39 @@ def test_preempted_ranks_resume_from_one_checkpoint_bit_identically(tiny_data, t
     actual = torch.load(tmp_path / run_folder.LAST, weights_only=True)["state_dict"]
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_to_run_sh_under_torchrun_saves_and_exits_with_143(tiny_data, teacher_weights, tmp_path):
+    # utils/launch.sh as step1/run.sh sources it, starting two processes with torchrun, each with a
+    # loader worker; its train.py is tests/interrupted_run.py running step1/train.py.
+    here = tmp_path / "step"
+    here.mkdir()
+    (here / "train.py").symlink_to(os.path.join(REPO, "tests", "interrupted_run.py"))
+    save = tmp_path / "run"
+    variables = dict(DATA=tiny_data, BATCH_SIZE=8, OPTIMIZER="adam", LEARNING_RATE=1e-3, EPOCHS=2,
+                     WEIGHT_DECAY=5e-6, TEACHER="resnet18", TEACHER_WEIGHTS=teacher_weights, IMAGE_SIZE=32, SEED=0,
+                     WORKERS=1, SAVE=save, LOG=save / "run.log", NGPUS=2, NNODES=1, NODE_RANK=0,
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    env = {name: str(value) for name, value in variables.items()}
+    env.update(INTERRUPTED_SCRIPT=os.path.join(REPO, "step1", "train.py"),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    script = f'set -euo pipefail; HERE="{here}"; STEP_FLAGS=(); source "{REPO}/utils/launch.sh"'
+    # SIGTERM to the script's process group (bash, torchrun, tee) after the update of iteration 0:
+    # torchrun passes it on to its processes and their workers, which agree to stop after iteration 1.
+    stopped = signalled_group(["bash", "-c", script, "run.sh", "--device", "cpu", "--print_freq", "1"],
+                              "SIGTERM", after_step=1, env=env)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
+    assert "stopped by SIGTERM at epoch 0 iteration 2; saved" in stopped.stdout, stopped.stdout[-3000:]
+    assert "killed by signal" not in stopped.stdout
+    assert "stopped by SIGTERM at epoch 0 iteration 2; saved" in (save / "run.log").read_text()
+    saved = torch.load(save / run_folder.LAST, weights_only=True)
+    assert (saved["epoch"], saved["iteration"]) == (0, 2)
 
 
 def test_global_batch_must_divide_among_processes(tiny_data, teacher_weights, tmp_path):

@@ -1,5 +1,6 @@
 """tools/landscape.py on the tiny dataset: output files, the centre of the grid, filter normalisation."""
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -124,3 +125,31 @@ def test_even_points_are_refused(checkpoint, tiny_data, tmp_path, capsys):
     line = main_error_line(lambda argv: run_landscape(checkpoint, tiny_data, tmp_path, *argv),
                            ["--points", "4"], capsys)
     assert line.startswith("error: --points must be odd")
+
+
+def test_an_infinite_span_is_refused(checkpoint, tiny_data, tmp_path, capsys):
+    line = main_error_line(lambda argv: run_landscape(checkpoint, tiny_data, tmp_path, *argv),
+                           ["--span", "inf"], capsys)
+    assert line.startswith("error: --span must be finite, got inf")
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process cannot create files in: a read-only one, or /sys for root, whom
+    permissions do not stop."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (str(folder), "/sys"):
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError:
+            return candidate
+    pytest.skip("no folder here refuses writes")
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_loss(checkpoint, tiny_data, tmp_path,
+                                                                          capsys):
+    out = unwritable_folder(tmp_path)
+    line = main_error_line(lambda argv: run_landscape(checkpoint, tiny_data, out), [], capsys)
+    assert line.startswith(f"error: cannot write to --out {out} (")

@@ -1,5 +1,6 @@
 """A run survives kills, preemption, full disks, corrupt images and divergence without losing work."""
 import errno
+import json
 import os
 import re
 import resource
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import REPO, run_script, train_args, write_image_folder
+from conftest import REPO, run_script, signalled_group, train_args, write_image_folder
 from models import reactnet
 from utils import run_folder
 from utils.errors import UserError
@@ -68,12 +69,25 @@ def one_error_line(result):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_data, teacher_weights, tmp_path_factory):
-    """Final state of a 2-epoch run that nothing interrupts."""
+def uninterrupted_folder(tiny_data, teacher_weights, tmp_path_factory):
+    """The run folder of a 2-epoch run that nothing interrupts."""
     save = tmp_path_factory.mktemp("uninterrupted")
     subprocess.run(step1_command(tiny_data, teacher_weights, save), check=True, capture_output=True,
                    env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return checkpoint(save)
+    return save
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_folder):
+    """Final state of the run that nothing interrupts."""
+    return checkpoint(uninterrupted_folder)
+
+
+def training_records(save):
+    """Per epoch, the training loss and accuracies metrics.jsonl recorded."""
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k.startswith("train_")} | {"epoch": r["epoch"]} for r in records]
 
 
 def assert_resumed_to_the_uninterrupted_end(command, stopped_at, uninterrupted, save):
@@ -91,7 +105,7 @@ def assert_resumed_to_the_uninterrupted_end(command, stopped_at, uninterrupted, 
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
-                                                         uninterrupted):
+                                                         uninterrupted, uninterrupted_folder):
     command = step1_command(tiny_data, teacher_weights, tmp_path, "--save_every_iters", 2)
     # Killed during iteration 3 of epoch 0 (learning rate lr / 2), after its update and before
     # the checkpoint of iteration 4: the updates of iterations 2 and 3 are lost and redone.
@@ -104,15 +118,19 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, teacher_weigh
     # What remains to train changes the weights, so a resume that lost anything would show.
     assert not torch.equal(saved["state_dict"]["fc.weight"], uninterrupted["state_dict"]["fc.weight"])
     assert_resumed_to_the_uninterrupted_end(command, (0, 2), uninterrupted, tmp_path)
+    # Epoch 0's record covers its 6 iterations, the 2 before the resume included.
+    assert training_records(tmp_path) == training_records(uninterrupted_folder)
 
 
-def test_sigterm_saves_mid_epoch_and_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
-                                                             uninterrupted):
-    command = step1_command(tiny_data, teacher_weights, tmp_path)
-    # SIGTERM arrives during iteration 1 of epoch 0: the run finishes iteration 2, saves and stops.
-    stopped = interrupted(command, "SIGTERM", after_step=2)
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+def test_sigterm_to_the_process_group_saves_mid_epoch_and_resume_is_bit_identical(
+        tiny_data, teacher_weights, tmp_path, uninterrupted):
+    command = step1_command(tiny_data, teacher_weights, tmp_path, "--workers", 2)
+    # During iteration 1 of epoch 0 (learning rate lr / 2) the run and its two loader workers get
+    # SIGTERM: the workers keep loading, the run finishes iteration 2, saves and stops.
+    stopped = signalled_group([sys.executable, INTERRUPTED_RUN, *command[1:]], "SIGTERM", after_step=2)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
     assert "stopped by SIGTERM at epoch 0 iteration 3; saved" in stopped.stdout
+    assert "killed by signal" not in stopped.stdout
     assert progress_lines(stopped.stdout) == [(0, 0), (0, 1), (0, 2)]
     saved = checkpoint(tmp_path)
     assert (saved["epoch"], saved["iteration"]) == (0, 3)
@@ -139,10 +157,43 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_partial_file_from_a_crash_is_removed_and_never_loaded(tiny_data, teacher_weights, tmp_path):
     partial = tmp_path / f"{run_folder.LAST}{run_folder.PARTIAL}999"
     partial.write_bytes(b"garbage from a crash")
+    users = ["thesis.partial.draft.tex", "dataset.tar.partial.3", f"{run_folder.LAST}.partial.3.bak"]
+    for name in users:
+        (tmp_path / name).write_text("the user's")
     result = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, tmp_path))
     assert result.returncode == 0, result.stderr
     assert not partial.exists()
+    assert all((tmp_path / name).read_text() == "the user's" for name in users)
     assert torch.load(tmp_path / run_folder.LAST, weights_only=True)["epoch"] == 1
+
+
+HOLDER = """
+import os, sys, time
+from utils import run_folder
+run_folder.lock_run_folder(sys.argv[1])
+if os.fork() == 0:  # a child that outlives its parent for a while, as a loader worker can
+    time.sleep(60)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_run_per_run_folder_and_a_killed_run_never_blocks_it(tiny_data, teacher_weights, tmp_path):
+    with subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, start_new_session=True) as holder:
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            second = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, tmp_path))
+            line = one_error_line(second)
+            assert f"the run folder {tmp_path} is in use by another run (process {holder.pid} on " in line
+            assert sorted(os.listdir(tmp_path)) == [run_folder.LOCK]
+            holder.kill()
+            holder.wait()
+            # The holder's forked child still runs, but the lock ended with the holder.
+            os.close(run_folder.lock_run_folder(str(tmp_path)))
+        finally:
+            os.killpg(holder.pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -181,6 +232,36 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, teacher_
     line = one_error_line(run_script("step1/train.py", *args))
     assert "non-finite" in line and "epoch 1 iteration 0" in line
     assert (one_epoch_run / run_folder.LAST).read_bytes() == before
+
+
+def test_non_finite_weights_are_never_saved_and_the_last_checkpoint_resumes(tiny_data, teacher_weights,
+                                                                            one_epoch_run, tmp_path_factory):
+    before = (one_epoch_run / run_folder.LAST).read_bytes()
+    # A weight decay of 1e38 passes the flag checks, but squared in Adam's second moment it
+    # overflows float32: the loss and the weights stay finite, the optimizer state does not.
+    args = train_args(tiny_data, teacher_weights, one_epoch_run, "--resume_with_changes",
+                      "--weight_decay", 1e38, "--save_every_iters", 1, epochs=3)
+    line = one_error_line(run_script("step1/train.py", *args))
+    assert "became NaN or infinite by epoch 1 iteration 1" in line and "not saved" in line
+    assert f"the checkpoint in {one_epoch_run} (epoch 1 iteration 0) is kept" in line
+    assert (one_epoch_run / run_folder.LAST).read_bytes() == before
+    # Such a checkpoint, written by an earlier version, is refused instead of resumed.
+    state = checkpoint(one_epoch_run)
+    state["optimizer"]["state"][0]["exp_avg_sq"][0] = float("inf")
+    poisoned = tmp_path_factory.mktemp("poisoned")
+    torch.save(state, poisoned / run_folder.LAST)
+    line = one_error_line(run_script("step1/train.py", *train_args(tiny_data, teacher_weights, poisoned)))
+    assert f"{poisoned / run_folder.LAST} holds NaN or infinite weights or optimizer state" in line
+    # As the message says: with a lower weight decay and --resume_with_changes it continues.
+    args = train_args(tiny_data, teacher_weights, one_epoch_run, "--resume_with_changes", epochs=2)
+    resumed = run_script("step1/train.py", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"^=> resuming \S+ at epoch 1 iteration 0 ", resumed.stdout, re.M)
+    final = checkpoint(one_epoch_run)
+    assert final["epoch"] == 2
+    tensors = {**final["state_dict"], **adam_moments(final)}
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    assert torch.equal(adam_moments(final)["0.step"], torch.tensor(6.0))  # 3 updates in each epoch
 
 
 @pytest.fixture
@@ -247,3 +328,14 @@ def test_unreadable_validation_images_are_counted_after_the_summary(corrupt_val)
 def test_too_many_unreadable_validation_images_stop_the_evaluation(corrupt_val):
     line = one_error_line(evaluate_corrupt_val(corrupt_val, "--max_unreadable_share", 0))
     assert "1 of the 13 validation images" in line and "--max_unreadable_share" in line
+
+
+def test_console_log_outlives_the_reader_of_the_output(tmp_path, monkeypatch):
+    # `python train.py | tee log` under scancel: tee dies with the job, the run must still save.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write_end, "w"))
+    log = run_folder.ConsoleLog(str(tmp_path / "log.txt"))
+    log("Epoch: [0][2/6]")
+    log("=> stopped by SIGTERM")
+    assert (tmp_path / "log.txt").read_text() == "Epoch: [0][2/6]\n=> stopped by SIGTERM\n"

@@ -133,15 +133,23 @@ def completed_epochs(folder):
     """Epochs finished in ``folder`` according to its last checkpoint (0 when there is none).
 
     The checkpoint is memory-mapped, so only its small entries are read. One that cannot be read
-    counts as unfinished: the train script then explains what is wrong with it.
+    counts as unfinished: the train script then explains what is wrong with it. One that reads
+    but holds no whole number of epochs is not a training checkpoint, and is refused here.
     """
     path = os.path.join(folder, LAST)
     if not os.path.isfile(path):
         return 0
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("epoch", 0)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError):
         return 0
+    epoch = checkpoint.get("epoch", 0) if isinstance(checkpoint, dict) else None
+    if type(epoch) is not int:
+        held = (f"an epoch {epoch!r}" if isinstance(checkpoint, dict)
+                else f"a {type(checkpoint).__name__}")
+        raise UserError(f"{path} holds {held}, not a training checkpoint: move it away to train "
+                        f"{os.path.basename(folder)} again, or pass another --out")
+    return epoch
 
 
 def train(run, runs_dir, shared_flags):
@@ -177,11 +185,26 @@ def read_metrics(folder):
         return []
     by_epoch = {}
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                record = json.loads(line)
+                record = parse_record(line)
+                if record is None:
+                    raise UserError(f"line {number} of {path} is not a whole epoch record (the file "
+                                    f"was cut short or edited): delete that line, then run the same "
+                                    f"command")
                 by_epoch[record["epoch"]] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def parse_record(line):
+    """The epoch record on one line of metrics.jsonl, or None if the line is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or type(record.get("epoch")) is not int or "val_top1" not in record:
+        return None
+    return record
 
 
 def percent(share):

@@ -20,7 +20,9 @@ settings) and OUT/landscape.png (a line for --dim 1; a contour plot and a surfac
 """
 import argparse
 import itertools
+import math
 import os
+import tempfile
 import time
 
 import matplotlib
@@ -35,7 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from models.checkpoint import model_from_checkpoint  # noqa: E402
 from utils.cli import (OneLineErrorParser, add_device_flag, add_workers_flag,  # noqa: E402
-                       require_image_size, require_positive, resolve_device, resolve_workers)
+                       require_image_size, require_positive, require_seed, resolve_device,
+                       resolve_workers)
 from utils.data import SeededSampler, make_loader, open_split  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 
@@ -67,7 +70,11 @@ def check_args(args):
         raise UserError(f"--points must be odd and at least 3 so that the grid has 0 at its centre, "
                         f"got {args.points}")
     require_positive({"--span": args.span, "--batches": args.batches, "--batch_size": args.batch_size})
+    if not math.isfinite(args.span):
+        raise UserError(f"--span must be finite, got {args.span}: every point but the centre would "
+                        f"have non-finite weights")
     require_image_size(args.image_size)
+    require_seed(args.seed)
 
 
 def grid_coordinates(points, span):
@@ -202,10 +209,15 @@ def plot(path, coordinates, losses, title):
 
 
 def make_out_dir(path):
+    """Creates ``--out`` and checks that files can be written there, before any loss is computed."""
     try:
         os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except (FileExistsError, NotADirectoryError):
         raise UserError(f"--out {path} is a file, not a folder") from None
+    except OSError as e:
+        raise UserError(f"cannot write to --out {path} ({e.strerror}): pass a writable folder") from None
 
 
 @report_user_errors

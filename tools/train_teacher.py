@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import torchvision
 
 from utils.cli import (MAX_UNREADABLE_SHARE, OneLineErrorParser, add_device_flag, add_workers_flag,
-                       require_at_least, require_image_size, require_positive, resolve_device,
-                       resolve_workers)
+                       require_at_least, require_image_size, require_positive, require_seed,
+                       resolve_device, resolve_workers)
 from utils.data import SeededSampler, make_loader, open_split
 from utils.errors import UserError, report_user_errors
 from utils.evaluation import UnreadableLimit, evaluate
@@ -51,6 +51,7 @@ def check_args(args):
                       "--learning_rate": args.learning_rate})
     require_image_size(args.image_size)
     require_at_least(0, {"--weight_decay": args.weight_decay})
+    require_seed(args.seed)
     if args.arch not in torchvision.models.list_models(module=torchvision.models):
         raise UserError(f"unknown classification model '{args.arch}': use a torchvision name such "
                         f"as resnet18 or resnet34")
@@ -101,7 +102,7 @@ def main(argv=None):
                          class_to_idx=train_set.class_to_idx)
     workers = resolve_workers(args.workers)
     pin = device.type == "cuda"
-    train_sampler = SeededSampler(len(train_set), args.seed, shuffle=True)
+    train_sampler = SeededSampler(len(train_set), args.seed, shuffle=True, batch_size=args.batch_size)
     train_loader = make_loader(train_set, train_sampler, args.batch_size, workers, pin)
     val_loader = make_loader(val_set, SeededSampler(len(val_set), args.seed, shuffle=False),
                              args.batch_size, workers, pin)

@@ -1,5 +1,6 @@
 """Command-line pieces shared by the training steps, evaluate.py and the tools."""
 import argparse
+import math
 import os
 
 import torch
@@ -13,14 +14,31 @@ from .errors import UserError
 
 # Unreadable images are skipped; more than this share of the images read so far in an epoch stops it.
 MAX_UNREADABLE_SHARE = 0.5
+# The largest --image_size taken: 18 times the paper's 224 in width, and tools.summary's single
+# forward pass at 4096 already peaks at 5.6 GB on a CPU.
+MAX_IMAGE_SIZE = 4096
 # ...once they are more than this many. Early in an epoch a share is noise (one bad file among the
 # first images read is most of them), and ten files cost nothing to skip, while a folder that is
 # mostly broken still stops within its first few dozen images at the default share.
 UNREADABLE_FLOOR = 10
 
 
+def finite_float(text):
+    """A float flag's value: NaN and infinity pass float() but no setting means them (an infinite
+    learning rate turns every weight into NaN at the first update)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number: pass a finite value")
+    return value
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line (no usage block) and exits with status 2."""
+    """argparse, but a bad flag prints one line (no usage block) and exits with status 2, and every
+    ``type=float`` flag refuses NaN and infinity."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
@@ -71,6 +89,12 @@ def require_at_least(minimum, flags):
             raise UserError(f"{flag} must be at least {minimum}, got {value}")
 
 
+def require_seed(seed):
+    """A UserError unless ``--seed`` is one that torch's generators take: 0 <= seed < 2**64."""
+    if not 0 <= seed < 2**64:
+        raise UserError(f"--seed must be between 0 and 2**64 - 1, got {seed}")
+
+
 def add_unreadable_flag(parser):
     parser.add_argument("--max_unreadable_share", type=float, default=MAX_UNREADABLE_SHARE,
                         help=f"unreadable images are skipped with a warning and counted; stop when "
@@ -93,11 +117,14 @@ def require_share(flag, value):
 
 
 def require_image_size(size, flag="--image_size", arch=ModelSpec.arch):
-    """A UserError if the architecture ``arch`` cannot take ``size`` x ``size`` images."""
+    """A UserError if the architecture ``arch`` cannot take ``size`` x ``size`` images, or no memory could."""
     architecture = get_architecture(arch)
     if size < architecture.downsampling:
         raise UserError(f"{flag} {size} is too small: {architecture.title} downsamples by "
                         f"{architecture.downsampling}, use at least {architecture.downsampling}")
+    if size > MAX_IMAGE_SIZE:
+        raise UserError(f"{flag} {size} is too large: use at most {MAX_IMAGE_SIZE} (one image of "
+                        f"that size already needs gigabytes of activations)")
 
 
 def add_arch_flag(parser, default=ModelSpec.arch, help_default=None):

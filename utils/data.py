@@ -19,11 +19,13 @@ import functools
 import math
 import os
 import queue
+import signal
 import threading
 import time
 
 import torch
 from torchvision import datasets
+from torchvision.datasets.folder import has_file_allowed_extension
 
 from .errors import UserError
 from .pipeline import BACKENDS, READ_ERRORS, Batch, UnreadableImage, read_for_device, read_with_pil
@@ -57,6 +59,23 @@ class SeededImageFolder(datasets.ImageFolder):
         self.image_size, self.backend, self.train = image_size, backend, train
         self.cpu_decode_share = cpu_decode_share
 
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """``(path, class index)`` of every image under ``directory/<class>/``, in ImageFolder's
+        order, with each real folder entered once: a symlink loop or a second link to a folder
+        adds no image twice. Links are followed otherwise, so a tree assembled from links works.
+        """
+        accept = is_valid_file or functools.partial(has_file_allowed_extension, extensions=extensions)
+        samples, seen = [], set()
+        for name in sorted(class_to_idx):
+            found = [(os.path.join(folder, file), class_to_idx[name])
+                     for folder, files in sorted(walk_each_folder_once(os.path.join(directory, name), seen))
+                     for file in sorted(files) if accept(os.path.join(folder, file))]
+            if not found and not allow_empty:
+                raise FileNotFoundError(f"found no image in {os.path.join(directory, name)}")
+            samples += found
+        return samples
+
     def __getitem__(self, item):
         index, seed = item
         path, target = self.samples[index]
@@ -71,6 +90,19 @@ class SeededImageFolder(datasets.ImageFolder):
                 return read_with_pil(path, target, self.image_size, self.train)
         except READ_ERRORS as error:
             return UnreadableImage.from_error(path, error)
+
+
+def walk_each_folder_once(top, seen):
+    """``(folder, file names)`` under ``top``, following links but entering no real folder that
+    is in ``seen``, which collects the real folders entered."""
+    for folder, subfolders, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()  # which of two links to one folder is kept does not depend on the disk
+        yield folder, files
 
 
 def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=None,
@@ -149,11 +181,16 @@ class SeededSampler(torch.utils.data.Sampler):
     every sample is counted exactly once across ranks.
 
     ``start`` skips the first ``start`` samples of this rank's share (mid-epoch resume).
+
+    Given this rank's ``batch_size``, a training share that would end in a batch of one sample
+    loses that sample (a different one each epoch): BatchNorm cannot normalise a batch of one
+    where the feature map is 1x1 (images under 64 pixels). The shares are equal, so every rank
+    drops it, and the length, which resume and the schedule count with, already excludes it.
     """
 
-    def __init__(self, size, seed=0, shuffle=True, rank=0, world_size=1):
+    def __init__(self, size, seed=0, shuffle=True, rank=0, world_size=1, batch_size=None):
         self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -163,9 +200,12 @@ class SeededSampler(torch.utils.data.Sampler):
         return self.share_size() - self.start
 
     def share_size(self):
-        if self.shuffle:
-            return math.ceil(self.size / self.world_size)
-        return len(range(self.rank, self.size, self.world_size))
+        if not self.shuffle:
+            return len(range(self.rank, self.size, self.world_size))
+        share = math.ceil(self.size / self.world_size)
+        if self.batch_size and self.batch_size > 1 and share % self.batch_size == 1:
+            return share - 1
+        return share
 
     def __iter__(self):
         if self.shuffle:
@@ -176,7 +216,7 @@ class SeededSampler(torch.utils.data.Sampler):
         else:
             order = list(range(self.size))
         positions = range(self.rank, len(order), self.world_size)
-        for position in list(positions)[self.start:]:
+        for position in list(positions)[self.start:self.share_size()]:
             yield order[position], mix_seed(self.seed, self.epoch, position)
 
 
@@ -185,7 +225,20 @@ def make_loader(dataset, sampler, batch_size, workers, pin_memory):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         collate_fn=functools.partial(Batch, image_size=dataset.image_size), pin_memory=pin_memory,
-        drop_last=False, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        drop_last=False, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker_id):
+    """Makes a loader worker ignore SIGTERM and SIGINT.
+
+    A cluster scheduler (and Ctrl-C) signals every process of the job, the workers included; a worker
+    that died of it would take the main process down before it saved. The main process alone decides
+    to stop, and then ends its workers as it always does: by shutting the loader down, or by exiting
+    (each worker also ends on its own once its parent is gone).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def on_device(loader, device, channels_last=False, ahead=None):

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .cli import resolve_device
+
 
 @dataclass
 class Context:
@@ -34,7 +36,7 @@ def init(device=None):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    use_cuda = resolve_device(device).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

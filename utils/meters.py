@@ -18,6 +18,11 @@ class AverageMeter:
         self.count += n
         self.avg = self.sum / self.count
 
+    def restore(self, total, count):
+        """Continues from a saved ``sum`` and ``count``, as if their updates had happened here."""
+        self.sum, self.count = total, count
+        self.avg = total / count if count else 0
+
     def __str__(self):
         return ("{name} {val" + self.fmt + "} ({avg" + self.fmt + "})").format(**self.__dict__)
 

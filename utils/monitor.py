@@ -19,12 +19,16 @@
 Sign bookkeeping stays on the device and is read once per epoch, so the per-iteration cost is one
 comparison over the binary weights and a count of the sign bits that changed.
 """
+import contextlib
 import json
 import os
+import threading
 
 import torch
 
 from models.layers import BinaryActivation, binary_convs
+
+from .errors import UserError
 
 
 def sign_int8(weight):
@@ -135,25 +139,65 @@ def channel_abs_mean(weight):
     return weight.detach().abs().flatten(1).mean(dim=1)
 
 
+def quiet_writer_thread(previous):
+    """A ``threading.excepthook`` that passes on every exception but a failed write in
+    TensorBoard's writer thread: the main thread raises the same error at its next write and
+    reports it in one line, so the thread's traceback would only repeat it."""
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError)
+                and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+    hook.quiets_writer_thread = True
+    return hook
+
+
+def finite_values(tensor):
+    """The finite elements of ``tensor``, flattened: TensorBoard cannot bin NaN or infinity."""
+    tensor = tensor.detach()
+    return tensor[torch.isfinite(tensor)]
+
+
 class MetricsLog:
-    """TensorBoard events and ``metrics.jsonl`` in the run folder (main process only)."""
+    """TensorBoard events and ``metrics.jsonl`` in the run folder (main process only).
+
+    A failed write (a full disk) raises a UserError; the checkpoint is written after the metrics,
+    so the last one stays as it was.
+    """
 
     def __init__(self, folder, enabled):
         self.writer = None
+        self.folder = folder
         self.jsonl = os.path.join(folder, "metrics.jsonl")
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+            if not getattr(threading.excepthook, "quiets_writer_thread", False):
+                threading.excepthook = quiet_writer_thread(threading.excepthook)
+            with self.reporting_write_errors():
+                self.writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+
+    @contextlib.contextmanager
+    def reporting_write_errors(self):
+        try:
+            yield
+        except OSError as e:
+            raise UserError(f"could not write the metrics in {self.folder} ({e.strerror or e}); the "
+                            f"last checkpoint there is intact: free disk space or pass another "
+                            f"--save, then run the same command") from None
 
     def iteration(self, step, values):
         if self.writer:
-            for key, value in values.items():
-                self.writer.add_scalar(f"train_iter/{key}", value, step)
+            with self.reporting_write_errors():
+                for key, value in values.items():
+                    self.writer.add_scalar(f"train_iter/{key}", value, step)
 
     def epoch(self, epoch, record, model=None):
         if not self.enabled:
             return
+        with self.reporting_write_errors():
+            self.write_epoch(epoch, record, model)
+
+    def write_epoch(self, epoch, record, model):
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(dict(epoch=epoch, **record)) + "\n")
         for key, value in record.items():
@@ -164,10 +208,14 @@ class MetricsLog:
                 self.writer.add_scalar(f"epoch/{key}", value, epoch)
         if model is not None:
             for name, conv in binary_convs(model):
-                self.writer.add_histogram(f"cam/{name}", channel_abs_mean(conv.weight), epoch)
-                self.writer.add_histogram(f"latent_weights/{name}", conv.weight.detach(), epoch)
+                for tag, values in ((f"cam/{name}", channel_abs_mean(conv.weight)),
+                                    (f"latent_weights/{name}", conv.weight)):
+                    values = finite_values(values)
+                    if values.numel():
+                        self.writer.add_histogram(tag, values, epoch)
         self.writer.flush()
 
     def close(self):
         if self.writer:
-            self.writer.close()
+            with self.reporting_write_errors():
+                self.writer.close()

@@ -10,6 +10,8 @@ workers take part of the decoding off the device. In both, lighting and normalis
 device (``Batch.to_device``).
 """
 import io
+import os
+import stat
 import warnings
 from typing import NamedTuple, Optional
 
@@ -23,6 +25,9 @@ from .augment import Augmentation, crop, draw_augmentation, lighten, normalise
 BACKENDS = ("pil", "gpu")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 JPEG_END = b"\xff\xd9"
+# Far above any photograph (ImageNet's largest JPEG is under 16 MB); a bigger "image" is read as
+# unreadable instead of filling a worker's memory.
+MAX_FILE_BYTES = 256 * 2**20
 
 
 class UnreadableImage:
@@ -51,7 +56,7 @@ class Sample(NamedTuple):
 
 def read_with_pil(path, target, image_size, train):
     """Backend ``pil``: the sample decoded, cropped, resized and flipped on the CPU."""
-    with Image.open(path) as image:
+    with open_image(path)[1] as image:
         augmentation = draw_augmentation(image) if train else None
         return Sample(target, path, augmentation, pixels=pixels_with_pil(image, image_size, augmentation))
 
@@ -62,13 +67,39 @@ def read_for_device(path, target, image_size, train, decode_with_pil=False):
     A file the device cannot decode, or any file with ``decode_with_pil``, is decoded here
     instead, as the ``pil`` backend would.
     """
-    with open(path, "rb") as file:
-        data = file.read()
-    header = Image.open(io.BytesIO(data))  # parses the header; the pixels stay undecoded
+    data, header = open_image(path)
     augmentation = draw_augmentation(header) if train else None
     if not decode_with_pil and device_decodable(header, data):
         return Sample(target, path, augmentation, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8))
     return Sample(target, path, augmentation, pixels=pixels_with_pil(header, image_size, augmentation))
+
+
+def open_image(path):
+    """The bytes of the image file ``path`` and PIL's reading of its header, pixels undecoded.
+
+    Both backends read files through here, so both refuse the same files: anything but a regular
+    file (a FIFO or device would block or never end; it is opened without waiting for a writer and
+    checked once open), a file over MAX_FILE_BYTES, and an image of more than PIL's
+    ``Image.MAX_IMAGE_PIXELS`` pixels, judged from the header before any pixel is decoded (PIL
+    alone would only warn up to twice that, and the device decoder does not check at all).
+
+    Raises:
+        OSError or Image.DecompressionBombError (both in READ_ERRORS).
+    """
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise OSError(f"{path} is larger than {MAX_FILE_BYTES} bytes, too large for an image")
+    header = Image.open(io.BytesIO(data))  # parses the header; the pixels stay undecoded
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and header.width * header.height > limit:
+        raise Image.DecompressionBombError(
+            f"{header.width}x{header.height} pixels, more than PIL's limit of {limit} "
+            f"(Image.MAX_IMAGE_PIXELS)")
+    return data, header
 
 
 def pixels_with_pil(image, image_size, augmentation):

@@ -1,8 +1,12 @@
 """The run folder: checkpoints written so that a crash at any moment leaves a loadable one
 behind, the RNG states they carry, and the text log."""
+import fcntl
 import os
 import random
+import re
 import shutil
+import socket
+import sys
 
 import numpy as np
 import torch
@@ -27,13 +31,44 @@ def _replace_atomically(tmp, path):
 
 
 PARTIAL = ".partial."
+WRITE_TEST = ".write_test."
+LOCK = "run.lock"
+
+
+# The only files that this code writes and a crash may leave behind: a checkpoint being written,
+# the writability probe. Any other name in the folder, ".partial" or not, is the user's.
+TEMPORARY = re.compile(rf"(({re.escape(LAST)}|{re.escape(BEST)}){re.escape(PARTIAL)}"
+                       rf"|{re.escape(WRITE_TEST)})\d+")
 
 
 def remove_partial_files(folder):
     """Deletes what a crash mid-write left behind; such files are never read."""
     for name in os.listdir(folder):
-        if PARTIAL in name:
+        if TEMPORARY.fullmatch(name):
             os.remove(os.path.join(folder, name))
+
+
+def lock_run_folder(folder):
+    """Takes the run folder's lock for the life of this process; a UserError if another run holds it.
+
+    A POSIX record lock (``lockf``) belongs to this process alone: the kernel releases it whenever
+    the process ends, even by SIGKILL, so a crashed run never blocks its own resume, and the
+    loader's forked workers do not hold it after their parent is gone. It also works across the
+    nodes of a shared NFS folder. The file names its holder.
+    """
+    path = os.path.join(folder, LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        with open(path) as f:
+            holder = f.read().strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"the run folder {folder} is in use by another run ({holder}): wait for it "
+                        f"to end or stop it, or pass another --save") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
 
 
 def _write(path, write):
@@ -91,13 +126,15 @@ def set_rng_state(state):
 
 
 def prepare_run_folder(folder, ctx):
-    """Creates the run folder on the main process and checks that it is writable."""
+    """Creates the run folder on the main process, takes its lock (only there: the processes of a
+    job on other nodes may share the folder) and checks that it is writable."""
     folder = os.path.abspath(folder)
     if ctx.is_main:
         try:
             os.makedirs(folder, exist_ok=True)
+            lock_run_folder(folder)  # its descriptor stays open until this process ends
             remove_partial_files(folder)
-            probe = os.path.join(folder, f".write_test.{os.getpid()}")
+            probe = os.path.join(folder, f"{WRITE_TEST}{os.getpid()}")
             with open(probe, "w"):
                 pass
             os.remove(probe)
@@ -117,7 +154,14 @@ class ConsoleLog:
     def __call__(self, message):
         if not self.enabled:
             return
-        print(message, flush=True)
+        try:
+            print(message, flush=True)
+        except BrokenPipeError:
+            # What read the output (a `| tee`) was ended, as the job's SIGTERM ends it: the run goes
+            # on to its checkpoint, log.txt keeps every line, the console gets no more.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(message + "\n")

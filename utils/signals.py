@@ -36,8 +36,8 @@ class StopSignals:
         self.requested = signum
 
     def guard(self, loader):
-        """Iterates ``loader`` but ends quietly if it fails after a stop was requested (its
-        workers may have received the same signal and exited)."""
+        """Iterates ``loader`` but ends quietly if it fails after a stop was requested (a worker
+        ignores the signal once started, but one signalled while starting may have died of it)."""
         iterator = iter(loader)
         while True:
             try:

@@ -51,6 +51,11 @@ SPEED_FLAGS = ("amp", "fused_optimizer", "channels_last", "compile", "determinis
 INPUT_FLAGS = ("data", "teacher_weights", "step1_checkpoint")
 
 
+# What a resume reads from a checkpoint besides its step and number of classes.
+RESUMED_ENTRIES = ("epoch", "iteration", "state_dict", "best_top1_acc", "optimizer", "scheduler",
+                   "scaler", "args", "rng")
+
+
 def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -125,12 +130,13 @@ class TrainingData:
                                   class_to_idx=self.train_set.class_to_idx,
                                   cpu_decode_share=args.cpu_decode_share)
         self.num_classes = len(self.train_set.classes)
-        self.train_sampler = SeededSampler(len(self.train_set), args.seed, True, ctx.rank, ctx.world_size)
+        per_rank_batch = args.batch_size // ctx.world_size
+        self.train_sampler = SeededSampler(len(self.train_set), args.seed, True, ctx.rank, ctx.world_size,
+                                           per_rank_batch)
         # Validation draws nothing from its seeds but the gpu backend's PIL share: seed 0, as in
         # evaluate.py, so that both decode each file the same way.
         self.val_sampler = SeededSampler(len(self.val_set), 0, False, ctx.rank, ctx.world_size)
         pin = ctx.device.type == "cuda"
-        per_rank_batch = args.batch_size // ctx.world_size
         self.train_loader = make_loader(self.train_set, self.train_sampler, per_rank_batch, workers, pin)
         self.val_loader = make_loader(self.val_set, self.val_sampler, per_rank_batch, workers, pin)
 
@@ -166,7 +172,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         # Below any accuracy, so the first validation always writes model_best.pth.tar.
         self.epoch, self.iteration, self.best_top1 = 0, 0, float("-inf")
+        self.saved_at = None  # (epoch, iteration) of the run folder's checkpoint, once there is one
         self.unreadable_count = 0
+        # The epoch in progress's loss and accuracy meters, whose sums a mid-epoch checkpoint keeps
+        # so that the epoch's record covers all its iterations; those restored wait in resumed_sums.
+        self.running, self.resumed_sums = {}, {}
         self.initial_signs = None  # of the binary convs at the start of this step, for C2I
         self.flag_changes = []  # each resume that applied changed experiment or speed flags
 
@@ -230,6 +240,10 @@ class Trainer:
                                 f"step1/run.sh) or pass --step1_checkpoint PATH (or 'none' to train "
                                 f"step 2 from scratch)")
             self.start_state = read_checkpoint(start_from)
+            if self.start_state.get("step", 1) != 1:
+                raise UserError(f"{start_from} was made by step {self.start_state['step']}, not step 1: "
+                                f"pass step 1's model_best.pth.tar as --step1_checkpoint (a step-2 run "
+                                f"folder is continued by passing it as --save)")
             saved, source, fixed = ModelSpec.from_checkpoint(self.start_state), start_from, ("arch",)
         for flag in MODEL_FLAGS:
             given, recorded = getattr(args, flag), getattr(saved, flag)
@@ -263,6 +277,8 @@ class Trainer:
             "rng": run_folder.rng_state(),
             "initial_signs": self.initial_signs,
             "flag_changes": self.flag_changes,
+            "running_sums": {name: [meter.sum, meter.count] for name, meter in self.running.items()}
+            if self.iteration else {},
             "inputs": self.inputs,
             **self.spec.as_dict(),
         }
@@ -273,6 +289,10 @@ class Trainer:
                        if "step" in state else "something other than this repository's training")
             raise UserError(f"{path} was made by {made_by}, but this is step {self.step} with "
                             f"{self.num_classes} classes: pass a new --save folder for this run")
+        missing = [entry for entry in RESUMED_ENTRIES if entry not in state]
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}, so it cannot be resumed: it was not "
+                            f"written by this repository's training; pass a new --save folder")
         changes = self.check_changes(state, path)
         load_weights(self.student, state, path)
         for group in state["optimizer"]["param_groups"]:  # this run's kernel, not the saved one's
@@ -282,10 +302,15 @@ class Trainer:
         if state["scaler"]:  # empty when saved without --amp fp16: this run's scaler starts afresh
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self.saved_at = (self.epoch, self.iteration)
+        if self.non_finite_tensors():
+            raise UserError(f"{path} holds NaN or infinite weights or optimizer state, from which no "
+                            f"run can continue: pass a new --save")
         self.best_top1 = state["best_top1_acc"]
         run_folder.set_rng_state(state["rng"])
         self.initial_signs = state.get("initial_signs")
         self.flag_changes = state.get("flag_changes", [])
+        self.resumed_sums = state.get("running_sums", {})
         self.log(f"=> resuming {path} at epoch {self.epoch} iteration {self.iteration} "
                  f"(best acc@1 {self.best_top1:.3f})")
         if changes:
@@ -329,9 +354,38 @@ class Trainer:
                                   "changes": {flag: list(pair) for flag, pair in changes.items()}})
         self.log(f"=> continuing with changed flags: {describe_changes(changes)}")
 
+    def non_finite_tensors(self):
+        """Names of the weights, buffers and optimizer state tensors that hold a NaN or an infinity."""
+        tensors = dict(self.student.state_dict())
+        for index, state in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"optimizer state {index} {key}": value for key, value in state.items()
+                            if torch.is_tensor(value)})
+        return [name for name, tensor in tensors.items()
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+    def diverged(self, what):
+        """The UserError for a run whose numbers became NaN or infinite: ``what`` happened, what the
+        run folder keeps and what to do. Every rank holds the same values, so all raise it together."""
+        lower = "a lower --learning_rate or --weight_decay"
+        if self.args.amp != "none":
+            lower += ", or without --amp"
+        if self.saved_at is None:
+            return UserError(f"{what}; {self.save_dir} holds no checkpoint of this run: start it "
+                             f"again with {lower}")
+        return UserError(f"{what}; the checkpoint in {self.save_dir} (epoch {self.saved_at[0]} "
+                         f"iteration {self.saved_at[1]}) is kept: resume it with --resume_with_changes "
+                         f"and {lower}")
+
     def save(self, is_best=False):
+        """Writes the checkpoint (on the main process), unless it could not be resumed."""
+        non_finite = self.non_finite_tensors()
+        if non_finite:
+            raise self.diverged(f"the weights or optimizer state became NaN or infinite by epoch "
+                                f"{self.epoch} iteration {self.iteration} ({len(non_finite)} tensors, "
+                                f"first {non_finite[0]}); not saved")
         if self.ctx.is_main:
             run_folder.save(self.state_dict(), self.save_dir, is_best)
+        self.saved_at = (self.epoch, self.iteration)
         distributed.barrier(self.ctx)
 
     def fit(self):
@@ -386,6 +440,10 @@ class Trainer:
         meters = Meters(time=("Time", ":6.3f"), data=("Data", ":6.3f"), loss=("Loss", ":.4e"),
                         top1=("Acc@1", ":6.2f"), top5=("Acc@5", ":6.2f"))
         progress = ProgressMeter(num_batches, meters, prefix=f"Epoch: [{self.epoch}]")
+        self.running = {"loss": losses, "top1": top1, "top5": top5}
+        for name, (total, count) in self.resumed_sums.items():
+            self.running[name].restore(total, count)
+        self.resumed_sums = {}
         end, stopping = time.time(), False
         if self.metrics:
             self.metrics.start_epoch()
@@ -402,10 +460,8 @@ class Trainer:
                 with self.metrics.sample_saturation() if sample_saturation else contextlib.nullcontext():
                     result = self.training_step(images, target, stop.requested)
             except NonFiniteLoss as e:
-                raise UserError(f"the loss became non-finite ({e.loss}) at epoch {self.epoch} "
-                                f"iteration {i}; stopped before updating the weights, the last "
-                                f"checkpoint in {self.save_dir} is kept: resume with a lower "
-                                f"--learning_rate or without --amp") from None
+                raise self.diverged(f"the loss became non-finite ({e.loss}) at epoch {self.epoch} "
+                                    f"iteration {i}; stopped before updating the weights") from None
             stopping = result.stop
             self.iteration += 1
             n = len(target)
@@ -426,7 +482,7 @@ class Trainer:
                 break
             end = time.time()
         if stop.requested:
-            if not stopping:  # the loader broke off (its workers got the signal too): save here
+            if not stopping:  # the loader broke off (a worker died of the signal): save here
                 self.save()
             raise self.stopped(stop)
         return meters.averages("loss", "top1", "top5")

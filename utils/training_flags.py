@@ -10,7 +10,7 @@ from models import ModelSpec
 
 from .cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag, add_model_flags,
                   add_unreadable_flag, add_workers_flag, require_at_least, require_image_size,
-                  require_positive, require_share)
+                  require_positive, require_seed, require_share)
 from .data import BACKENDS, require_cpu_decode_share
 from .errors import UserError
 
@@ -107,6 +107,7 @@ def validate(args, world_size=1):
     require_share("--max_unreadable_share", args.max_unreadable_share)
     require_cpu_decode_share(args.cpu_decode_share)
     require_image_size(args.image_size, arch=args.arch or ModelSpec.arch)
+    require_seed(args.seed)
     if args.batch_size % world_size:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide among "
                         f"{world_size} processes: use a multiple of {world_size}")
