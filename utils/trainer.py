@@ -440,7 +440,7 @@ class Trainer:
         meters = Meters(time=("Time", ":6.3f"), data=("Data", ":6.3f"), loss=("Loss", ":.4e"),
                         top1=("Acc@1", ":6.2f"), top5=("Acc@5", ":6.2f"))
         progress = ProgressMeter(num_batches, meters, prefix=f"Epoch: [{self.epoch}]")
-        self.running = {"loss": losses, "top1": top1, "top5": top5}
+        self.running = {name: meters[name] for name in ("loss", "top1", "top5")}
         for name, (total, count) in self.resumed_sums.items():
             self.running[name].restore(total, count)
         self.resumed_sums = {}
