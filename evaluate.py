@@ -10,8 +10,9 @@ import os
 
 from models.checkpoint import model_from_checkpoint, title_of
 from utils.cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag,
-                       add_unreadable_flag, add_workers_flag, require_image_size, require_positive,
-                       require_share, resolve_device, resolve_workers)
+                       add_unreadable_flag, add_workers_flag, require_image_size,
+                       require_image_size_in_memory, require_positive, require_share, resolve_device,
+                       resolve_workers)
 from utils.data import BACKENDS, SeededSampler, make_loader, open_split
 from utils.errors import report_user_errors
 from utils.evaluation import evaluate
@@ -43,6 +44,7 @@ def main(argv=None):
     args = parse_args(argv)
     require_positive({"--batch_size": args.batch_size})
     require_share("--max_unreadable_share", args.max_unreadable_share)
+    require_image_size_in_memory(args.image_size)
     device = resolve_device(args.device)
     workers = resolve_workers(args.workers)
     model, step = model_from_checkpoint(args.checkpoint, args.step)

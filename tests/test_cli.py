@@ -236,7 +236,7 @@ def built_parser(build, monkeypatch):
     return parser
 
 
-def test_every_float_flag_refuses_nan_and_infinity(monkeypatch, capsys):
+def test_every_float_flag_refuses_nan_infinity_and_beyond_float32(monkeypatch, capsys):
     refused = set()
     for command, build in parser_builders().items():
         parser = built_parser(build, monkeypatch)
@@ -250,6 +250,10 @@ def test_every_float_flag_refuses_nan_and_infinity(monkeypatch, capsys):
                 assert exit_info.value.code == 2
                 assert capsys.readouterr().err == (f"error: argument {flag}: {value} is not a finite "
                                                    f"number: pass a finite value (see --help)\n"), command
+            # Finite in float64 but not in float32, where Adam's update raises on it.
+            with pytest.raises(SystemExit):
+                parser.parse_args([f"{action.option_strings[-1]}=-1e39"])
+            assert capsys.readouterr().err.startswith(f"error: argument {flag}: -1e39 is beyond float32's range"), command
             refused.add(f"{command} {flag}")
     assert {"step1/train.py --learning_rate", "step1/train.py --weight_decay",
             "step2/train.py --weight_decay", "evaluate.py --max_unreadable_share",

@@ -130,7 +130,7 @@ def test_even_points_are_refused(checkpoint, tiny_data, tmp_path, capsys):
 def test_an_infinite_span_is_refused(checkpoint, tiny_data, tmp_path, capsys):
     line = main_error_line(lambda argv: run_landscape(checkpoint, tiny_data, tmp_path, *argv),
                            ["--span", "inf"], capsys)
-    assert line.startswith("error: --span must be finite, got inf")
+    assert line.startswith("error: argument --span: inf is not a finite number")
 
 
 def unwritable_folder(tmp_path):

@@ -20,7 +20,6 @@ settings) and OUT/landscape.png (a line for --dim 1; a contour plot and a surfac
 """
 import argparse
 import itertools
-import math
 import os
 import tempfile
 import time
@@ -70,9 +69,6 @@ def check_args(args):
         raise UserError(f"--points must be odd and at least 3 so that the grid has 0 at its centre, "
                         f"got {args.points}")
     require_positive({"--span": args.span, "--batches": args.batches, "--batch_size": args.batch_size})
-    if not math.isfinite(args.span):
-        raise UserError(f"--span must be finite, got {args.span}: every point but the centre would "
-                        f"have non-finite weights")
     require_image_size(args.image_size)
     require_seed(args.seed)
 

@@ -23,12 +23,20 @@ MAX_IMAGE_SIZE = 4096
 UNREADABLE_FLOOR = 10
 
 
+# The largest float32: weights, optimizer state and every computation are float32, so a setting
+# beyond it overflows in the first update (PyTorch's optimizers then raise, or the weights turn infinite).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def finite_float(text):
     """A float flag's value: NaN and infinity pass float() but no setting means them (an infinite
-    learning rate turns every weight into NaN at the first update)."""
+    learning rate turns every weight into NaN at the first update), nor a value beyond float32's range."""
     value = float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number: pass a finite value")
+    if abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is beyond float32's range (the precision of the "
+                                         f"weights and every computation): pass at most {FLOAT32_MAX:.4g}")
     return value
 
 
@@ -118,10 +126,16 @@ def require_share(flag, value):
 
 def require_image_size(size, flag="--image_size", arch=ModelSpec.arch):
     """A UserError if the architecture ``arch`` cannot take ``size`` x ``size`` images, or no memory could."""
+    require_image_size_in_memory(size, flag)
     architecture = get_architecture(arch)
     if size < architecture.downsampling:
         raise UserError(f"{flag} {size} is too small: {architecture.title} downsamples by "
                         f"{architecture.downsampling}, use at least {architecture.downsampling}")
+
+
+def require_image_size_in_memory(size, flag="--image_size"):
+    """A UserError if ``size`` is beyond what any architecture's activations fit in memory at; it
+    needs no model, so a tool checks it before reading one."""
     if size > MAX_IMAGE_SIZE:
         raise UserError(f"{flag} {size} is too large: use at most {MAX_IMAGE_SIZE} (one image of "
                         f"that size already needs gigabytes of activations)")

@@ -22,7 +22,7 @@ flags=(--data "$DATA" --batch_size "$BATCH_SIZE" --optimizer "$OPTIMIZER"
 if [ -n "$LEARNING_RATE" ]; then flags+=(--learning_rate "$LEARNING_RATE"); fi
 if [ -n "$TEACHER_WEIGHTS" ]; then flags+=(--teacher_weights "$TEACHER_WEIGHTS"); fi
 if [ -n "$WORKERS" ]; then flags+=(--workers "$WORKERS"); fi
-if [ -n "$ARCH" ]; then flags+=(--arch "$ARCH"); fi
+if [ -n "${ARCH:-}" ]; then flags+=(--arch "$ARCH"); fi
 flags+=("${STEP_FLAGS[@]}")   # what only this step takes
 
 if [ -z "$NGPUS" ]; then
