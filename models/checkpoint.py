@@ -28,24 +28,32 @@ def read_checkpoint(path):
     except PermissionError:
         raise CheckpointError(f"no permission to read {path}") from None
     except Exception as e:  # garbage makes the unpickler fail in many ways; all mean "not a checkpoint"
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                              f"({refusal_reason(e)[:200]})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: "
+                              f"{refusal_reason(e)[:300]}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
     return obj
 
 
 def refusal_reason(error):
-    """Why torch.load(weights_only=True) refused a file, in a few words, from its ``error``."""
+    """Why torch.load(weights_only=True) refused a file, in a few words, from its ``error``.
+
+    torch's own text advises loading with ``weights_only=False``, which would run whatever the file
+    holds: that advice is never passed on.
+    """
     message = str(error)
+    global_name = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", message)
+    if global_name:
+        return (f"it holds Python code that loading would run (the global {global_name.group(1)}), "
+                f"so it is never loaded: use a file of tensors and plain containers only")
     unpickler = re.search(r"WeightsUnpickler error:\s*(.*)", message)
-    if unpickler is None:
-        return message.strip().splitlines()[0] if message.strip() else type(error).__name__
-    python_object = re.match(r"Unsupported global: GLOBAL (\S+)", unpickler.group(1))
-    if python_object:
-        return (f"it holds pickled Python objects ({python_object.group(1)}) besides tensors and "
-                f"plain containers, which are never loaded since unpickling them could run code")
-    return f"its contents are not what torch.save writes: {unpickler.group(1).strip()}"
+    if unpickler:
+        return f"its contents are not what torch.save writes: {unpickler.group(1).strip()}"
+    paragraphs = [p.strip() for p in message.split("\n\n") if p.strip()]
+    own = [p for p in paragraphs if "weights_only" not in p and "documentation of torch.load" not in p]
+    if not own:
+        return type(error).__name__
+    return own[0].splitlines()[0]
 
 
 def extract_state_dict(checkpoint, path="checkpoint"):

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from dataclasses import asdict, dataclass
 
 PLUGINS_VARIABLE = "BNN_PLUGINS"
@@ -114,9 +115,20 @@ def load_plugins():
                 spec.loader.exec_module(module)
             else:
                 importlib.import_module(entry)
-        except (ImportError, OSError) as e:
+        except Exception as e:  # whatever a plugin raises while it is imported is the plugin's
             raise RegistryError(f"cannot import the plugin '{entry}' named in {PLUGINS_VARIABLE} "
-                                f"({e}): fix or remove it") from None
+                                f"({where_it_failed(e)}): fix or remove it") from None
+
+
+def where_it_failed(error):
+    """``error`` in one line, with the file and line it was raised at."""
+    if isinstance(error, SyntaxError):
+        return f"{type(error).__name__}: {error.msg} at {error.filename} line {error.lineno}"
+    message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    frames = traceback.extract_tb(error.__traceback__)
+    if frames:
+        message += f" at {frames[-1].filename} line {frames[-1].lineno}"
+    return message
 
 
 def _lookup(table, kind, flag, name):

@@ -1,9 +1,11 @@
 """Fixtures shared by the tests: a tiny ImageFolder dataset and a teacher trained for nothing."""
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -115,21 +117,73 @@ def last_val_line(text):
     return lines[-1]
 
 
-def signalled_group(command, signal_name, after_step, env=None):
+def signalled_group(command, signal_name, after_step, env=None, leader_only=False, again_on=None):
     """Runs ``command`` (which starts tests/interrupted_run.py, waiting right after optimizer step
     ``after_step``) in a session of its own, and once it waits sends ``signal_name`` from here to its
-    whole process group, as a cluster scheduler does. Returns the CompletedProcess, stderr merged
-    into stdout."""
+    whole process group, as a cluster scheduler does, or with ``leader_only`` to ``command``'s own
+    process alone (as ``sbatch --signal=B:TERM`` signals the batch shell). With ``again_on``, sends
+    it once more when a line starting with ``again_on`` appears. Returns the CompletedProcess,
+    stderr merged into stdout."""
     env = dict(os.environ, OMP_NUM_THREADS="1", INTERRUPT_SIGNAL=signal_name,
                INTERRUPT_AFTER_STEP=str(after_step), INTERRUPT_TARGET="outside", **(env or {}))
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, start_new_session=True) as run:
-        lines = []
+                          env=env, start_new_session=True) as run, ends_within(run.pid, 600):
+        send = os.kill if leader_only else os.killpg
+        lines, waiting_for = [], "interrupted_run: waiting"
         for line in run.stdout:
             lines.append(line)
-            if line.startswith("interrupted_run: waiting"):
-                os.killpg(run.pid, getattr(signal, signal_name))
-                break
+            if waiting_for and line.startswith(waiting_for):
+                send(run.pid, getattr(signal, signal_name))
+                waiting_for, again_on = again_on, None
+                if waiting_for is None:
+                    break
         output = "".join(lines) + run.stdout.read()
-        returncode = run.wait(timeout=600)
+        returncode = run.wait()
     return subprocess.CompletedProcess(command, returncode, output, "")
+
+
+def live_processes(group):
+    """PIDs of the processes of process group ``group`` that have not ended (zombies count as ended)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(name))
+    return found
+
+
+@contextlib.contextmanager
+def ends_within(group, seconds):
+    """Fails the test, after SIGKILLing process group ``group``, if the block is still running
+    ``seconds`` later (a command that hangs instead of ending)."""
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+
+    timer = threading.Timer(seconds, expire)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    if expired.is_set():
+        pytest.fail(f"still running {seconds} s later: it hangs instead of ending")
+
+
+def run_bounded(command, seconds=300, env=None):
+    """Runs ``command`` from the repository root in a session of its own; fails the test if it does
+    not end within ``seconds`` or leaves any process of its group alive. Returns the
+    CompletedProcess (text)."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                          cwd=REPO, start_new_session=True) as run, ends_within(run.pid, seconds):
+        stdout, stderr = run.communicate()
+    assert live_processes(run.pid) == [], "processes of the command outlived it"
+    return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)

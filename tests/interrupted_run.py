@@ -14,7 +14,11 @@ process (a test sending it to the whole process group, as a scheduler does). Und
 the rank INTERRUPT_RANK (default 0) sends it or waits for it.
 
 The moment is a fixed point of the run (an update applied in memory, nothing after it saved), so
-what a test checks does not depend on timing.
+what a test checks does not depend on timing. With INTERRUPT_DURING=forward the moment is instead
+the start of the student's forward pass of that step (its classifier's forward in training mode):
+the step is under way, its update not yet applied; with INTERRUPT_DURING=evaluation, the start of
+the classifier's forward pass in evaluation mode (evaluate.py). With INTERRUPT_COUNT=N (default 1)
+it waits for N signals, printing ``interrupted_run: received K`` as the K-th arrives.
 """
 import os
 import runpy
@@ -22,6 +26,8 @@ import signal
 import sys
 import time
 
+import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 after_step = int(os.environ["INTERRUPT_AFTER_STEP"])
@@ -48,29 +54,45 @@ signal.signal = recording_install
 steps = 0
 
 
-def after_optimizer_step(optimizer, args, kwargs):
+def at_step(*_):
     global steps
     steps += 1
     if steps != after_step or not sends:
         return
     name = signal.Signals(signum).name
+    moment = f"during step {steps}" if during else f"after optimizer step {steps}"
     if target is None:
-        print(f"interrupted_run: waiting for {name} after optimizer step {steps}", flush=True)
+        print(f"interrupted_run: waiting for {name} {moment}", flush=True)
     else:
-        print(f"interrupted_run: sending {name} after optimizer step {steps}", flush=True)
+        print(f"interrupted_run: sending {name} {moment}", flush=True)
         os.kill(target, signum)
-    deadline = time.time() + 60
-    while not received:  # a SIGKILL of this process never returns here
+    deadline, seen = time.time() + 60, 0
+    while seen < count:  # a SIGKILL of this process never returns here
         assert time.time() < deadline, "the signal never arrived"
         time.sleep(0.01)
+        if len(received) > seen:
+            seen = len(received)
+            print(f"interrupted_run: received {seen}", flush=True)
 
 
-register_optimizer_step_post_hook(after_optimizer_step)
+during = os.environ.get("INTERRUPT_DURING")
+count = int(os.environ.get("INTERRUPT_COUNT", "1"))
+
+
+def before_classifier(module, args):
+    if isinstance(module, torch.nn.Linear) and module.training == (during == "forward"):
+        at_step()
+
+
+if during:
+    register_module_forward_pre_hook(before_classifier)
+else:
+    register_optimizer_step_post_hook(at_step)
 if "INTERRUPTED_SCRIPT" in os.environ:
     script = os.path.abspath(os.environ["INTERRUPTED_SCRIPT"])
     sys.argv = [script, *sys.argv[1:]]
 else:
     script = os.path.abspath(sys.argv[1])
     sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(os.path.dirname(script)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # the repository
 runpy.run_path(script, run_name="__main__")

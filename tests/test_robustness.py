@@ -170,7 +170,7 @@ def test_partial_file_from_a_crash_is_removed_and_never_loaded(tiny_data, teache
 HOLDER = """
 import os, sys, time
 from utils import run_folder
-run_folder.lock_run_folder(sys.argv[1])
+lock = run_folder.RunFolderLock(sys.argv[1])
 if os.fork() == 0:  # a child that outlives its parent for a while, as a loader worker can
     time.sleep(60)
     os._exit(0)
@@ -191,7 +191,7 @@ def test_one_run_per_run_folder_and_a_killed_run_never_blocks_it(tiny_data, teac
             holder.kill()
             holder.wait()
             # The holder's forked child still runs, but the lock ended with the holder.
-            os.close(run_folder.lock_run_folder(str(tmp_path)))
+            run_folder.RunFolderLock(str(tmp_path)).close()
         finally:
             os.killpg(holder.pid, signal.SIGKILL)
 

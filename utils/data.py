@@ -15,6 +15,7 @@ Typical use::
         ...  # then batch.target, batch.unreadable, len(batch)
 """
 import contextlib
+import ctypes
 import functools
 import math
 import os
@@ -67,9 +68,19 @@ class SeededImageFolder(datasets.ImageFolder):
         """
         accept = is_valid_file or functools.partial(has_file_allowed_extension, extensions=extensions)
         samples, seen = [], set()
+        class_folders = {}
         for name in sorted(class_to_idx):
+            real = os.path.realpath(os.path.join(directory, name))
+            if real in class_folders:
+                raise UserError(f"the class folders '{class_folders[real]}' and '{name}' of {directory} "
+                                f"are one folder ({real}) through a link: give each class its own images")
+            class_folders[real] = name
+        for name in sorted(class_to_idx):
+            folders = sorted(walk_each_folder_once(os.path.join(directory, name), seen))
+            for folder, _ in folders:
+                refuse_other_class(folder, name, class_folders)
             found = [(os.path.join(folder, file), class_to_idx[name])
-                     for folder, files in sorted(walk_each_folder_once(os.path.join(directory, name), seen))
+                     for folder, files in folders
                      for file in sorted(files) if accept(os.path.join(folder, file))]
             if not found and not allow_empty:
                 raise FileNotFoundError(f"found no image in {os.path.join(directory, name)}")
@@ -90,6 +101,17 @@ class SeededImageFolder(datasets.ImageFolder):
                 return read_with_pil(path, target, self.image_size, self.train)
         except READ_ERRORS as error:
             return UnreadableImage.from_error(path, error)
+
+
+def refuse_other_class(folder, name, class_folders):
+    """A UserError if ``folder``, reached from class ``name``'s folder, is (or lies inside) another
+    class's folder: through a link, that class's images would be labelled ``name``."""
+    real = os.path.realpath(folder)
+    for other_real, other in class_folders.items():
+        if other != name and (real == other_real or real.startswith(other_real + os.sep)):
+            raise UserError(f"{folder} (in class folder '{name}') leads to {other_real}, the folder of "
+                            f"class '{other}', through a link: its images would be counted as "
+                            f"'{name}'; remove the link or give each class its own images")
 
 
 def walk_each_folder_once(top, seen):
@@ -230,15 +252,38 @@ def make_loader(dataset, sampler, batch_size, workers, pin_memory):
 
 
 def ignore_stop_signals(worker_id):
-    """Makes a loader worker ignore SIGTERM and SIGINT.
+    """Prepares a loader worker: it ignores SIGTERM and SIGINT and dies with its parent.
 
     A cluster scheduler (and Ctrl-C) signals every process of the job, the workers included; a worker
     that died of it would take the main process down before it saved. The main process alone decides
-    to stop, and then ends its workers as it always does: by shutting the loader down, or by exiting
-    (each worker also ends on its own once its parent is gone).
+    to stop, and then ends its workers: by shutting the loader down, or on its way out
+    (``utils.errors.end_child_processes``). If it is killed instead (SIGKILL, the OOM killer), nothing
+    of it runs any more: the kernel's parent-death signal ends the workers then.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent():
+    """Has the kernel SIGKILL this process when the thread that started it ends (Linux); elsewhere,
+    or if prctl is unavailable, the process relies on the loader's own checks of its parent.
+
+    The signal follows the starting thread, not the process: loaders are iterated in the main
+    thread (see ``on_device``) so that their workers are started there.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def on_device(loader, device, channels_last=False, ahead=None):
@@ -255,11 +300,12 @@ def on_device(loader, device, channels_last=False, ahead=None):
         return
     ready, stop = queue.Queue(maxsize=1), threading.Event()
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    batches = iter(loader)  # here: workers started from the thread would die with it (die_with_parent)
 
     def prepare():
         try:
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-                for batch in loader:
+                for batch in batches:
                     images = batch.to_device(device, channels_last)
                     event = stream.record_event() if stream else None
                     if not hand_over(ready, stop, (batch, images, event)):

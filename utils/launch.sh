@@ -13,6 +13,8 @@ done
 for name in NGPUS NNODES; do
   [ "${!name:-1}" -ge 1 ] || refuse "$name=${!name}: at least 1 process per node and 1 node"
 done
+[ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ] \
+  || refuse "MASTER_PORT=$MASTER_PORT is not a TCP port: use one from 1 to 65535 that is free on the first node"
 [ ! -d "$LOG" ] || refuse "LOG=$LOG is a folder: give the file to append the output to"
 
 flags=(--data "$DATA" --batch_size "$BATCH_SIZE" --optimizer "$OPTIMIZER"
@@ -35,21 +37,41 @@ else
   launcher=(python)
 fi
 
-# A scheduler's SIGTERM (scancel, preemption) or Ctrl-C reaches every process of the job: train.py
-# then saves a checkpoint and exits with 128 + the signal's number. This script waits for it (tee
-# ignores the signal so that the last lines still reach the log) and exits with that status.
+# Stops. train.py saves a checkpoint on SIGTERM or SIGINT and exits with 128 + the signal's number
+# (a second SIGINT stops it at once). It runs in a process group of its own, and this script passes
+# each stop on to it exactly once, however the stop arrives: to the job's whole process group
+# (Ctrl-C, killpg), or to this shell alone (sbatch --signal=B:TERM, kill PID). A hang-up (the
+# terminal closed) stops it as SIGTERM would. This script then exits with the training's status.
 # torchrun passes the signal on to its processes but exits 1 itself; the run's own log says
 # whether they stopped and saved.
+set -m
 signalled=0
-trap 'signalled=143' TERM
-trap 'signalled=130' INT
-status=0
-# The log goes beside the checkpoints; if that folder cannot be made, train.py says why.
+pid=""
+forward() {
+  signalled=$1
+  if [ -n "$pid" ]; then kill -"$2" "$pid" 2>/dev/null || true; fi
+}
+trap 'forward 143 TERM' TERM
+trap 'forward 130 INT' INT
+trap 'forward 129 TERM' HUP
+# The log goes beside the checkpoints (tee ignores the stops so that the last lines still reach it);
+# if that folder cannot be made, train.py says why.
 if mkdir -p "$(dirname "$LOG")" 2>/dev/null && touch "$LOG" 2>/dev/null; then
-  "${launcher[@]}" "$HERE/train.py" "${flags[@]}" "$@" 2>&1 | (trap '' INT TERM; exec tee -a "$LOG") \
-    || status=$?
+  exec {console}> >(trap '' INT TERM HUP; exec tee -a "$LOG")
+  tee_pid=$!
+  "${launcher[@]}" "$HERE/train.py" "${flags[@]}" "$@" >&"$console" 2>&1 &
 else
-  "${launcher[@]}" "$HERE/train.py" "${flags[@]}" "$@" || status=$?
+  "${launcher[@]}" "$HERE/train.py" "${flags[@]}" "$@" &
+fi
+pid=$!
+# A trapped signal interrupts wait with a status above 128 while the training still runs.
+while :; do
+  wait "$pid" && status=0 || status=$?
+  if [ "$status" -le 128 ] || ! kill -0 "$pid" 2>/dev/null; then break; fi
+done
+if [ -n "${tee_pid:-}" ]; then
+  exec {console}>&-
+  while kill -0 "$tee_pid" 2>/dev/null; do sleep 0.1; done
 fi
 if [ "$signalled" -ne 0 ] && [ "$status" -ne "$signalled" ] && [ "$status" -ne 0 ] \
     && [[ "$(tail -n 1 "$SAVE/log.txt" 2>/dev/null)" == "=> stopped by "* ]]; then

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .errors import UserError
+from .errors import UserError, printable
 
 LAST = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
@@ -48,27 +48,85 @@ def remove_partial_files(folder):
             os.remove(os.path.join(folder, name))
 
 
-def lock_run_folder(folder):
-    """Takes the run folder's lock for the life of this process; a UserError if another run holds it.
+class RunFolderLock:
+    """The run folder's lock, held by this process for its life; a UserError if another run holds it.
 
-    A POSIX record lock (``lockf``) belongs to this process alone: the kernel releases it whenever
-    the process ends, even by SIGKILL, so a crashed run never blocks its own resume, and the
-    loader's forked workers do not hold it after their parent is gone. It also works across the
-    nodes of a shared NFS folder. The file names its holder.
+    Two locks, since either alone can be walked around:
+
+    - a POSIX record lock (``lockf``) on ``run.lock``, which names its holder. The kernel releases
+      it whenever the process ends, even by SIGKILL, so a crashed run never blocks its own resume,
+      and it works across the nodes of a shared NFS folder. But a run.lock deleted by hand takes
+      the lock with it;
+    - a ``flock`` on the folder itself, which no file operation inside it removes. Filesystems
+      that refuse flock on a folder (NFS) keep the first only; there ``verify`` notices a removed
+      run.lock before each checkpoint and takes it again, or stops if another run took it.
+
+    A forked child (a loader worker) closes its copy of the folder's descriptor at once, so the
+    flock, shared with such copies, ends with this process too.
     """
-    path = os.path.join(folder, LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):
-        with open(path) as f:
-            holder = f.read().strip() or "unknown"
-        os.close(fd)
-        raise UserError(f"the run folder {folder} is in use by another run ({holder}): wait for it "
-                        f"to end or stop it, or pass another --save") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
-    return fd
+
+    def __init__(self, folder):
+        self.folder, self.path = folder, os.path.join(folder, LOCK)
+        self.folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        os.register_at_fork(after_in_child=self.close_folder_fd)
+        try:
+            fcntl.flock(self.folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.in_use()
+        except OSError:  # no flock on folders here: run.lock alone
+            self.close_folder_fd()
+        self.fd = self.lock_file()
+        if self.fd is None:
+            self.in_use()
+
+    def lock_file(self):
+        """Locks run.lock (created if absent) and writes this process in it; None if another holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        return fd
+
+    def in_use(self):
+        try:
+            with open(self.path) as f:
+                holder = f.read().strip() or "unknown"
+        except OSError:
+            holder = f"{LOCK} removed"
+        self.close()
+        raise UserError(f"the run folder {self.folder} is in use by another run ({holder}): wait for "
+                        f"it to end or stop it, or pass another --save")
+
+    def verify(self):
+        """Takes run.lock again if it was removed or replaced since; a UserError if another run has
+        taken the folder meanwhile, so that this one writes nothing more there."""
+        try:
+            same = os.path.samestat(os.stat(self.path), os.fstat(self.fd))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return
+        fd = self.lock_file()
+        if fd is None:
+            raise UserError(f"{self.path} was removed while this run held it, and another run has taken "
+                            f"the folder {self.folder}: this run stops without writing there")
+        os.close(self.fd)
+        self.fd = fd
+
+    def close_folder_fd(self):
+        if self.folder_fd is not None:
+            os.close(self.folder_fd)
+            self.folder_fd = None
+
+    def close(self):
+        self.close_folder_fd()
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _write(path, write):
@@ -127,12 +185,18 @@ def set_rng_state(state):
 
 def prepare_run_folder(folder, ctx):
     """Creates the run folder on the main process, takes its lock (only there: the processes of a
-    job on other nodes may share the folder) and checks that it is writable."""
+    job on other nodes may share the folder) and checks that it is writable.
+
+    Returns:
+        the folder's absolute path, and its RunFolderLock (None on the other processes), held
+        until this process ends.
+    """
     folder = os.path.abspath(folder)
+    lock = None
     if ctx.is_main:
         try:
             os.makedirs(folder, exist_ok=True)
-            lock_run_folder(folder)  # its descriptor stays open until this process ends
+            lock = RunFolderLock(folder)
             remove_partial_files(folder)
             probe = os.path.join(folder, f"{WRITE_TEST}{os.getpid()}")
             with open(probe, "w"):
@@ -142,7 +206,7 @@ def prepare_run_folder(folder, ctx):
             raise UserError(f"cannot write to the run folder {folder} ({e.strerror}): pass a "
                             f"writable --save") from None
     distributed.barrier(ctx)
-    return folder
+    return folder, lock
 
 
 class ConsoleLog:
@@ -154,6 +218,7 @@ class ConsoleLog:
     def __call__(self, message):
         if not self.enabled:
             return
+        message = printable(message)
         try:
             print(message, flush=True)
         except BrokenPipeError:
@@ -163,5 +228,10 @@ class ConsoleLog:
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(message + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(message + "\n")
+            except OSError as e:
+                raise UserError(f"could not append to {self.path} ({e.strerror}); the checkpoints "
+                                f"in its folder are intact: free disk space, then run the same "
+                                f"command to resume") from None

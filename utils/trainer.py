@@ -51,6 +51,9 @@ SPEED_FLAGS = ("amp", "fused_optimizer", "channels_last", "compile", "determinis
 INPUT_FLAGS = ("data", "teacher_weights", "step1_checkpoint")
 
 
+# How torch's BatchNorm refuses a training batch of one sample whose feature map is 1x1.
+BATCH_OF_ONE = "Expected more than 1 value per channel when training"
+
 # What a resume reads from a checkpoint besides its step and number of classes.
 RESUMED_ENTRIES = ("epoch", "iteration", "state_dict", "best_top1_acc", "optimizer", "scheduler",
                    "scaler", "args", "rng")
@@ -150,7 +153,7 @@ class Trainer:
         self.device = self.ctx.device
         validate(args, self.ctx.world_size)
         seed_everything(args.seed)
-        self.save_dir = run_folder.prepare_run_folder(args.save, self.ctx)
+        self.save_dir, self.folder_lock = run_folder.prepare_run_folder(args.save, self.ctx)
         self.log = run_folder.ConsoleLog(os.path.join(self.save_dir, "log.txt"), self.ctx.is_main)
         configure_device(self.device, args.deterministic)
         self.data = TrainingData(args, self.ctx)
@@ -384,6 +387,7 @@ class Trainer:
                                 f"{self.epoch} iteration {self.iteration} ({len(non_finite)} tensors, "
                                 f"first {non_finite[0]}); not saved")
         if self.ctx.is_main:
+            self.folder_lock.verify()
             run_folder.save(self.state_dict(), self.save_dir, is_best)
         self.saved_at = (self.epoch, self.iteration)
         distributed.barrier(self.ctx)
@@ -423,6 +427,18 @@ class Trainer:
                 if stop.requested and self.epoch < args.epochs:
                     raise self.stopped(stop)
 
+    def unusable_batch(self, batch, what):
+        """The UserError for a training batch that holds ``what``: the images that were unreadable,
+        or a batch size too small to train on."""
+        where = f"the training batch at epoch {self.epoch} iteration {self.iteration}"
+        if batch.unreadable:
+            first = batch.unreadable[0]
+            return UserError(f"{where} has {what}: {len(batch.unreadable)} of its images are "
+                             f"unreadable (first {first.path}: {first.reason}); remove or repair "
+                             f"them, or lower --max_unreadable_share to stop at the first")
+        return UserError(f"{where} has {what}: use --batch_size of at least 2 per process "
+                         f"({self.ctx.world_size} process(es)), or larger images")
+
     def stopped(self, stop):
         return Stopped(stop.requested, self.epoch, self.iteration,
                        os.path.join(self.save_dir, run_folder.LAST))
@@ -455,13 +471,20 @@ class Trainer:
             meters["data"].update(time.time() - end)
             limit.update(batch.unreadable, len(batch))
             self.unreadable_count += len(batch.unreadable)
+            if images is None:
+                raise self.unusable_batch(batch, "no readable image")
             target = batch.target.to(self.device, non_blocking=True)
             try:
                 with self.metrics.sample_saturation() if sample_saturation else contextlib.nullcontext():
-                    result = self.training_step(images, target, stop.requested)
+                    result = self.training_step(images, target, lambda: stop.requested)
             except NonFiniteLoss as e:
                 raise self.diverged(f"the loss became non-finite ({e.loss}) at epoch {self.epoch} "
                                     f"iteration {i}; stopped before updating the weights") from None
+            except ValueError as e:
+                if not str(e).startswith(BATCH_OF_ONE):
+                    raise
+                raise self.unusable_batch(batch, "1 readable image, which BatchNorm cannot normalise "
+                                                 "where the feature map is 1x1") from None
             stopping = result.stop
             self.iteration += 1
             n = len(target)

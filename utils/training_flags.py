@@ -111,6 +111,8 @@ def validate(args, world_size=1):
     if args.batch_size % world_size:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide among "
                         f"{world_size} processes: use a multiple of {world_size}")
+    if not args.save:
+        raise UserError("--save is empty: name the run folder for checkpoints and logs")
     if not os.path.isdir(args.data):
         raise UserError(f"data folder {args.data} does not exist: --data must hold train/ and val/")
 

@@ -50,7 +50,9 @@ class TrainingStep:
         self.device, self.amp, self.ctx, self.after_update = device, amp, ctx, after_update
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
 
-    def __call__(self, images, target, stop_requested=False):
+    def __call__(self, images, target, stop_requested=lambda: False):
+        """One iteration. ``stop_requested()`` is asked after the backward pass, when the ranks
+        agree on it, so that a stop signal that arrives during this iteration ends the run after it."""
         with autocast(self.device, self.amp):
             logits = self.model(images)
             with torch.inference_mode():
@@ -61,7 +63,7 @@ class TrainingStep:
         self.scaler.scale(loss).backward()
         correct1, correct5 = topk_correct(logits.detach(), target)
         loss_value, c1, c5 = torch.stack([loss.detach(), correct1, correct5]).tolist()
-        stop, diverged = distributed.any_rank([stop_requested, not math.isfinite(loss_value)], self.ctx)
+        stop, diverged = distributed.any_rank([stop_requested(), not math.isfinite(loss_value)], self.ctx)
         if diverged:
             raise NonFiniteLoss(loss_value)
         self.scaler.step(self.optimizer)
