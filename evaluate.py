@@ -9,13 +9,14 @@ import argparse
 import os
 
 from models.checkpoint import model_from_checkpoint, title_of
-from utils.cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag,
+from utils.cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag, add_jpeg_decoder_flag,
                        add_unreadable_flag, add_workers_flag, require_image_size,
                        require_image_size_in_memory, require_positive, require_share, resolve_device,
                        resolve_workers)
 from utils.data import BACKENDS, SeededSampler, make_loader, open_split
 from utils.errors import report_user_errors
 from utils.evaluation import evaluate
+from utils.pipeline import describe_jpeg_decoder
 
 
 def parse_args(argv=None):
@@ -32,6 +33,7 @@ def parse_args(argv=None):
                         help="where images are decoded and resized: pil (in the loader's workers) or "
                              "gpu (on the device; see the README)")
     add_cpu_decode_share_flag(parser)
+    add_jpeg_decoder_flag(parser)
     add_device_flag(parser)
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--print_freq", type=int, default=10)
@@ -51,11 +53,14 @@ def main(argv=None):
     require_image_size(args.image_size, arch=model.spec.arch)
     model.to(device)
     dataset = open_split(args.data, "val", args.image_size, args.data_backend,
-                         num_classes=model.fc.out_features, cpu_decode_share=args.cpu_decode_share)
+                         num_classes=model.fc.out_features, cpu_decode_share=args.cpu_decode_share,
+                         jpeg_decoder=args.jpeg_decoder)
     loader = make_loader(dataset, SeededSampler(len(dataset), shuffle=False), args.batch_size,
                          workers, device.type == "cuda")
     print(f"=> evaluating {args.checkpoint} ({title_of(model)}) as step {step} on {len(dataset)} images of "
           f"{os.path.join(args.data, 'val')}", flush=True)
+    if dataset.jpeg_decoder:
+        print(describe_jpeg_decoder(dataset.jpeg_decoder), flush=True)
     return evaluate(model, loader, device, args.amp, print_freq=args.print_freq,
                     max_unreadable_share=args.max_unreadable_share)
 

@@ -9,7 +9,9 @@ from conftest import main_error_line
 from models import reactnet
 from tools import benchmark
 from tools.bench.compute import RecipeStepBenchmark, TrainingRun, resolve
+from tools.bench.end_to_end import decode_options
 from tools.bench.variants import parse_variant
+from utils.pipeline import jpeg_decoder_for
 
 TINY = ["--image_size", "32", "--batch_size", "4", "--steps", "2", "--warmup", "1", "--repeats", "1",
         "--num_classes", "10", "--teacher", "resnet18"]
@@ -44,8 +46,11 @@ def test_report_has_every_configuration(tmp_path, capsys):
     assert all(row["images_per_s"] > 0 for row in report["loader"])
     fed = report["end_to_end"]
     # The end-to-end rows train the configuration the compute table chose: one probe per step.
-    assert [(row["backend"], row["cpu_decode_share"], row["config"]) for row in fed] == [
-        (backend, share, config) for backend, share in (("pil", None), ("gpu", 0), ("gpu", 0.5))
+    # The gpu rows decode with the decoder that training would choose.
+    decoder = jpeg_decoder_for("gpu")
+    assert [(row["backend"], row["jpeg_decoder"], row["cpu_decode_share"], row["config"]) for row in fed] == [
+        (backend, decoder, share, config) for backend, decoder, share in (
+            ("pil", None, None), ("gpu", decoder, 0), ("gpu", decoder, 0.5))
         for config in ("ours", fastest[0]["config"])]
     for row in fed:
         assert row["images_per_s"] > 0 and row["speedup"] > 0 and 0 < row["data_wait_share"] < 1
@@ -53,9 +58,17 @@ def test_report_has_every_configuration(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| baseline | 2 |" in table and "| 1.00 |" in table
     assert f"| fastest = {fastest[0]['config']} | 2 |" in table
-    assert f"| ours | 2 | gpu | 0 | {fed[2]['images_per_s']:.1f} |" in table
-    assert f"| ours | 2 | gpu | 0.5 | {fed[4]['images_per_s']:.1f} |" in table
+    assert f"| ours | 2 | pil |  |  | {fed[0]['images_per_s']:.1f} |" in table
+    assert f"| ours | 2 | gpu | {decoder} | 0 | {fed[2]['images_per_s']:.1f} |" in table
+    assert f"| ours | 2 | gpu | {decoder} | 0.5 | {fed[4]['images_per_s']:.1f} |" in table
     assert json.loads(out.read_text())["training"] == json.loads(json.dumps(rows))
+
+
+def test_end_to_end_rows_of_the_gpu_backend_cover_each_decoder_and_share():
+    args = benchmark.build_parser().parse_args([*TINY, "--jpeg_decoders", "torchvision", "torchcodec",
+                                                "--cpu_decode_shares", "0", "0.4"])
+    assert decode_options(args) == [("pil", None, None), ("gpu", "torchvision", 0), ("gpu", "torchvision", 0.4),
+                                    ("gpu", "torchcodec", 0), ("gpu", "torchcodec", 0.4)]
 
 
 def test_the_fastest_configuration_is_probed_once_per_step(monkeypatch):

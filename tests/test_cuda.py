@@ -1,9 +1,9 @@
-"""What only a GPU can show: the device's JPEG decoder never writes into memory that work queued on
-its stream still reads. Skipped without CUDA; tools/measure_gpu.sh runs it, with the CUDA tests of
+"""What only a GPU can show: no device JPEG decoder writes into memory that work queued on its stream
+still reads. Skipped without CUDA; tools/measure_gpu.sh runs it, with the CUDA tests of
 test_data_pipeline.py and test_decode_resume.py, and runs this file as a script to see what happens
 without the guard (utils/pipeline.py, DRAIN_BEFORE_DEVICE_DECODE):
 
-    python tests/test_cuda.py   # per kind of JPEG, guard on and off: iterations corrupted
+    python tests/test_cuda.py   # per decoder and kind of JPEG, guard on and off: iterations corrupted
 """
 import io
 import os
@@ -16,8 +16,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import pipeline  # noqa: E402
+from utils.pipeline import JPEG_DECODERS  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DECODERS = [pytest.param(name, marks=pytest.mark.skipif(not decoder.load(), reason=f"{name} does not load"))
+            for name, decoder in JPEG_DECODERS.items()]
 
 ITERATIONS = 100
 SIDE = 256
@@ -38,8 +41,9 @@ def jpeg_files(progressive):
     return files
 
 
-def decode_hazard(files, device, iterations=ITERATIONS):
-    """Builds the hazard ``iterations`` times on a side stream, as training's decoding thread runs.
+def decode_hazard(decoder, files, device, iterations=ITERATIONS):
+    """Builds the hazard ``iterations`` times for the JpegDecoder ``decoder`` on a side stream, as
+    training's decoding thread runs.
 
     Each time: tensors filled with known values; long work queued, then one reduction per tensor;
     the tensors freed while their reductions are still queued; the files decoded. A reduction that
@@ -52,7 +56,7 @@ def decode_hazard(files, device, iterations=ITERATIONS):
     expected = [(k + 1) * 3 * SIDE * SIDE for k in range(FREED)]
     handed = corrupted = 0
     with torch.cuda.stream(stream):
-        pipeline.decode_on_device(files, device)  # the decoder's one-off set-up, outside the count
+        decoder.decode(files, device)  # the decoder's one-off set-up, outside the count
         for _ in range(iterations):
             tensors = [torch.full((3 * SIDE * SIDE,), k + 1, dtype=torch.uint8, device=device)
                        for k in range(FREED)]
@@ -61,18 +65,20 @@ def decode_hazard(files, device, iterations=ITERATIONS):
             sums = [tensor.sum() for tensor in tensors]
             freed = {tensor.data_ptr() for tensor in tensors}
             del tensors
-            images = pipeline.decode_on_device(files, device)
+            images = decoder.decode(files, device)
             handed += any(image.data_ptr() in freed for image in images)
             stream.synchronize()
             corrupted += [value.item() for value in sums] != expected
     return handed, corrupted
 
 
+@pytest.mark.parametrize("jpeg_decoder", DECODERS)
 @pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
-def test_device_decode_never_overwrites_memory_that_queued_work_reads(progressive):
+def test_device_decode_never_overwrites_memory_that_queued_work_reads(progressive, jpeg_decoder):
     assert pipeline.DRAIN_BEFORE_DEVICE_DECODE
-    handed, corrupted = decode_hazard(jpeg_files(progressive), torch.device("cuda"))
-    print(f"decoder handed a freed block in {handed}/{ITERATIONS} iterations, corrupted {corrupted}")
+    handed, corrupted = decode_hazard(JPEG_DECODERS[jpeg_decoder], jpeg_files(progressive), torch.device("cuda"))
+    print(f"{jpeg_decoder}: decoder handed a freed block in {handed}/{ITERATIONS} iterations, "
+          f"corrupted {corrupted}")
     # Without a freed block handed to the decoder there is no hazard, and no pass to report.
     assert handed > 0
     assert corrupted == 0
@@ -81,10 +87,14 @@ def test_device_decode_never_overwrites_memory_that_queued_work_reads(progressiv
 if __name__ == "__main__":
     cuda = torch.device("cuda")
     print(torch.cuda.get_device_name(cuda), "torch", torch.__version__)
-    for progressive in (False, True):
-        for guard in (True, False):
-            pipeline.DRAIN_BEFORE_DEVICE_DECODE = guard
-            handed, corrupted = decode_hazard(jpeg_files(progressive), cuda)
-            print(f"{'progressive' if progressive else 'baseline'} JPEG, guard {'on' if guard else 'off'}: "
-                  f"decoder handed a freed block in {handed}/{ITERATIONS} iterations, reductions "
-                  f"corrupted in {corrupted}/{ITERATIONS}", flush=True)
+    for decoder in JPEG_DECODERS.values():
+        if not decoder.load():
+            print(f"{decoder.name} does not load: {decoder.load_error}", flush=True)
+            continue
+        for progressive in (False, True):
+            for guard in (True, False):
+                pipeline.DRAIN_BEFORE_DEVICE_DECODE = guard
+                handed, corrupted = decode_hazard(decoder, jpeg_files(progressive), cuda)
+                print(f"{decoder}, {'progressive' if progressive else 'baseline'} JPEG, guard "
+                      f"{'on' if guard else 'off'}: decoder handed a freed block in {handed}/{ITERATIONS} "
+                      f"iterations, reductions corrupted in {corrupted}/{ITERATIONS}", flush=True)

@@ -1,11 +1,13 @@
 """The data pipeline's backends against the published transforms, and each other."""
 import io
 import os
+import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torchvision import transforms
 
@@ -13,19 +15,22 @@ from utils import augment, pipeline
 from utils.augment import draw_augmentation, lighten
 from utils.data import (READ_ERRORS, SeededSampler, decoded_by_pil, images_per_second, make_loader,
                         on_device, open_split)
+from utils.errors import UserError
+from utils.pipeline import JPEG_DECODERS, JpegDecoder, describe_jpeg_decoder, load_torchcodec, load_torchvision
 
 IMAGE_SIZE = 60  # validation resizes to round(60 / 0.875) = 69, where truncation would give 68
 BATCH_SIZE = 5
 CPU = torch.device("cpu")
-# The files the device cannot decode; the PIL path decodes them in the worker.
-CPU_DECODED = {"cmyk.JPEG", "png_named.JPEG"}
+# The files the device does not decode; the PIL path decodes them in the worker.
+CPU_DECODED = {"cmyk.JPEG", "png_named.JPEG", "exif_rotated.JPEG", "unreadable_exif.JPEG"}
 UNREADABLE = {"not_an_image.JPEG", "truncated.JPEG", "damaged.JPEG"}
-# Bounds on |gpu - pil| in grey levels over the uint8 images the device decodes, per device: (mean
-# over all files, mean over the files of one kind, max). Measured on the CPU, where libjpeg-turbo
-# decodes for both, so only the resize differs: mean 0.167 (train) and 0.157 (val), per kind from
-# 0.103 (plain, val) to 0.230 (small, train), max 1. On CUDA nvjpeg decodes, with its own rounding:
-# an H200 gave a mean of 0.35 (train) and 0.22 (val), at most 11, over the files before the
-# EXIF-rotated and 4:2:2 ones joined; the CUDA bounds await the figures tools/measure_gpu.sh prints.
+# Bounds on |gpu - pil| in grey levels over the uint8 images the device decodes, per device and for
+# every decoder: (mean over all files, mean over the files of one kind, max). Measured on the CPU,
+# where libjpeg-turbo decodes for PIL and for both decoders (the same pixels), so only the resize
+# differs: mean 0.163 (train) and 0.157 (val), per kind from 0.103 (plain, val) to 0.185 (4:2:2,
+# train), max 1. On CUDA nvjpeg decodes, with its own rounding: an H200 gave a mean of 0.35 (train)
+# and 0.22 (val), at most 11, with torchvision's decoder over the files before the 4:2:2 one joined;
+# the CUDA bounds await the figures tools/measure_gpu.sh prints for each decoder.
 GREY_DIFFERENCE_BOUNDS = {"cpu": (0.18, 0.25, 1), "cuda": (0.45, 0.6, 12)}
 
 
@@ -43,10 +48,11 @@ def encoded(image, format="JPEG", **options):
     return buffer.getvalue()
 
 
-def exif_rotated(image):
-    """``image`` as a JPEG whose EXIF orientation asks viewers to turn it 90 degrees clockwise."""
+def with_orientation(image, orientation):
+    """``image`` as a JPEG whose EXIF orientation is ``orientation`` (6: turn 90 degrees clockwise
+    to display; 1: display as stored)."""
     exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    exif[pipeline.EXIF_ORIENTATION] = orientation
     return encoded(image, quality=90, exif=exif.tobytes())
 
 
@@ -63,7 +69,11 @@ def sample_files(rng):
         "progressive.JPEG": encoded(photo(rng, 150, 111), quality=90, progressive=True),
         "half_chroma.JPEG": encoded(photo(rng, 143, 87), quality=90, subsampling=1),  # 4:2:2
         "full_chroma.JPEG": encoded(photo(rng, 99, 131), quality=90, subsampling=0),  # 4:4:4
-        "exif_rotated.JPEG": exif_rotated(photo(rng, 160, 90)),
+        "exif_rotated.JPEG": with_orientation(photo(rng, 160, 90), 6),
+        "exif_upright.JPEG": with_orientation(photo(rng, 90, 160), 1),
+        # EXIF that is not TIFF data, behind a JFIF density, so that PIL parses it only when asked.
+        "unreadable_exif.JPEG": encoded(photo(rng, 111, 77), quality=90, exif=b"Exif\0\0not TIFF data",
+                                        dpi=(72, 72)),
         "cmyk.JPEG": encoded(photo(rng, 77, 101).convert("CMYK"), quality=90),
         "png_named.JPEG": encoded(photo(rng, 91, 67), "PNG"),
         "not_an_image.JPEG": b"this is not an image\n" * 20,
@@ -146,8 +156,10 @@ def same_images(images, want):
     return images is want is None or (images is not None and want is not None and torch.equal(images, want))
 
 
-def loader_for(data, split, backend, seed=0, workers=0, train=None, share=0.0, batch_size=BATCH_SIZE):
-    dataset = open_split(data, split, IMAGE_SIZE, backend, train=train, cpu_decode_share=share)
+def loader_for(data, split, backend, seed=0, workers=0, train=None, share=0.0, batch_size=BATCH_SIZE,
+               jpeg_decoder=None):
+    dataset = open_split(data, split, IMAGE_SIZE, backend, train=train, cpu_decode_share=share,
+                         jpeg_decoder=jpeg_decoder)
     sampler = SeededSampler(len(dataset), seed, shuffle=True)
     return make_loader(dataset, sampler, batch_size, workers, pin_memory=False)
 
@@ -157,12 +169,6 @@ def finished(loader):
     for batch in loader:
         images = batch.to_device(CPU)
         yield images, batch.target, sorted(os.path.basename(u.path) for u in batch.unreadable), batch
-
-
-def decoded_pairs(data, split):
-    """The uint8 images of each batch under both backends, before lighting: (pil, gpu, gpu batch)."""
-    for pil_batch, gpu_batch in zip(*[loader_for(data, split, backend) for backend in ("pil", "gpu")]):
-        yield pil_batch.decode(CPU), gpu_batch.decode(CPU), gpu_batch
 
 
 def test_the_pipeline_uses_the_published_constants():
@@ -229,14 +235,20 @@ def expected_path(name, device):
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                      reason="needs a CUDA device"))
+# Each device decoder that loads here; the others are skipped and say why.
+DECODERS = [pytest.param(name, marks=pytest.mark.skipif(not decoder.load(), reason=f"{name} does not load: "
+                                                                                      f"{decoder.load_error}"))
+            for name, decoder in JPEG_DECODERS.items()]
 
 
+@pytest.mark.parametrize("jpeg_decoder", DECODERS)
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_each_kind_of_jpeg_takes_its_path_with_pixels_close_to_pil(data, split, device):
+def test_each_kind_of_jpeg_takes_its_path_with_pixels_close_to_pil(data, split, device, jpeg_decoder):
     device = torch.device(device)
     paths, differences = {}, {}
-    for pil_batch, batch in zip(loader_for(data, split, "pil"), loader_for(data, split, "gpu")):
+    for pil_batch, batch in zip(loader_for(data, split, "pil"),
+                                loader_for(data, split, "gpu", jpeg_decoder=jpeg_decoder)):
         pil_images = dict(zip(pil_batch.paths, decoded(pil_batch, CPU)))
         images = decoded(batch, device)
         paths.update({os.path.basename(u.path): "unreadable" for u in batch.unreadable})
@@ -254,54 +266,103 @@ def test_each_kind_of_jpeg_takes_its_path_with_pixels_close_to_pil(data, split, 
     mean_bound, kind_mean_bound, max_bound = GREY_DIFFERENCE_BOUNDS[device.type]
     for name, values in sorted(differences.items()) + [("all files", sum(differences.values(), []))]:
         difference = torch.cat(values).double()
-        print(f"{device.type} {split} {name}: |gpu - pil| mean {difference.mean():.4f}, "
+        print(f"{jpeg_decoder} on {device.type} {split} {name}: |gpu - pil| mean {difference.mean():.4f}, "
               f"max {difference.max():.0f} grey levels")
         assert difference.max() <= max_bound, name
         assert 0 < difference.mean() <= (mean_bound if name == "all files" else kind_mean_bound), name
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("backend", ["pil", "gpu"])
-def test_unreadable_files_are_skipped_and_reported(data, backend, workers):
-    loader = loader_for(data, "train", backend, workers=workers)
-    for epoch in range(3):
-        skipped = []
-        loader.sampler.set_epoch(epoch)
-        expected = published_batches(loader.dataset, loader.sampler, train=True)
-        for (images, target, unreadable, batch), (_, want_target, want_unreadable) in zip(
-                finished(loader), expected, strict=True):
-            assert unreadable == want_unreadable
-            assert torch.equal(target, want_target)
-            assert [f"class_{k}" for k in target.tolist()] == [
-                os.path.basename(os.path.dirname(path)) for path in batch.paths]
-            assert len(batch) == len(target) == (0 if images is None else len(images))
-            assert all(item.reason for item in batch.unreadable)
-            again = batch.to_device(CPU)
-            assert len(batch.unreadable) == len(unreadable)
-            assert images is again is None or torch.equal(again, images)
-            skipped += unreadable
-        assert sorted(skipped) == sorted(list(UNREADABLE) * 2)
+def test_an_exif_orientation_is_applied_by_no_backend():
+    # PIL's decoding, which backend pil uses, shows the pixels as stored; torchcodec's decoder
+    # would turn them, so the gpu backend leaves such a file to PIL.
+    image = photo(np.random.default_rng(1), 40, 24)
+    for orientation in range(1, 9):
+        data = with_orientation(image, orientation)
+        with Image.open(io.BytesIO(data)) as file:
+            assert file.convert("RGB").size == (40, 24)
+            assert pipeline.device_decodable(file, data) == (orientation == 1)
 
 
-def test_a_file_the_device_fails_on_is_decoded_by_pil(data, monkeypatch):
-    decode_jpeg = pipeline.decode_jpeg
+def with_decoder(monkeypatch, name, decode):
+    """Registers, under ``name``, a decoder that has decoded nothing yet and runs ``decode``."""
+    decoder = JpegDecoder(name, lambda: (decode, "0.test"))
+    monkeypatch.setitem(JPEG_DECODERS, name, decoder)
+    return decoder
+
+
+def collated(data, names, backend="gpu", jpeg_decoder=None):
+    """The val batch of the files ``names`` of class_0."""
+    dataset = open_split(data, "val", IMAGE_SIZE, backend, jpeg_decoder=jpeg_decoder)
+    indices = [dataset.samples.index((os.path.join(data, "val", "class_0", name), 0)) for name in names]
+    return make_loader(dataset, SeededSampler(len(dataset)), BATCH_SIZE, 0, False).collate_fn(
+        [dataset[(index, 0)] for index in indices])
+
+
+@pytest.mark.parametrize("jpeg_decoder", DECODERS)
+def test_a_file_the_device_fails_on_alone_is_decoded_by_pil(data, monkeypatch, jpeg_decoder):
+    decode = JPEG_DECODERS[jpeg_decoder].decode_files
     with open(os.path.join(data, "val", "class_0", "odd_size.JPEG"), "rb") as file:
         failing = file.read()
 
-    def device_decoder_failing_on_one_file(jpegs, **options):
+    def decoder_failing_on_one_file(jpegs, **options):
         if any(bytes(jpeg.numpy()) == failing for jpeg in jpegs):
             raise RuntimeError("unsupported JPEG")
-        return decode_jpeg(jpegs, **options)
+        return decode(jpegs, **options)
 
-    monkeypatch.setattr(pipeline, "decode_jpeg", device_decoder_failing_on_one_file)
-    fell_back = 0
-    for pil_images, gpu_images, batch in decoded_pairs(data, "val"):
-        for k, path in enumerate(batch.paths):
-            if path.endswith("odd_size.JPEG"):
-                assert batch.on_device[k]
-                assert torch.equal(gpu_images[k], pil_images[k])
-                fell_back += 1
-    assert fell_back == 2
+    with_decoder(monkeypatch, jpeg_decoder, decoder_failing_on_one_file)
+    pil_images = decoded(collated(data, ["odd_size.JPEG"], "pil"), CPU)
+    batch = collated(data, ["plain.JPEG", "odd_size.JPEG"], jpeg_decoder=jpeg_decoder)
+    assert batch.on_device == [True, True]
+    assert torch.equal(decoded(batch, CPU)[1], pil_images[0])
+    # Alone in its batch, once the decoder has decoded other files.
+    assert torch.equal(decoded(collated(data, ["odd_size.JPEG"], jpeg_decoder=jpeg_decoder), CPU)[0],
+                       pil_images[0])
+
+
+def test_a_decoder_failing_on_every_file_is_one_clear_error(data, monkeypatch):
+    def broken(jpegs, **options):
+        raise RuntimeError("no JPEG support in this build")
+
+    with_decoder(monkeypatch, "torchcodec", broken)
+    with pytest.raises(UserError, match=r"^the device's JPEG decoder torchcodec 0.test failed on all 2 JPEG "
+                                        r"files of a batch that PIL reads \(RuntimeError: no JPEG support "
+                                        r"in this build\), so it does not work here: install torchcodec"):
+        collated(data, ["plain.JPEG", "grey.JPEG"], jpeg_decoder="torchcodec").to_device(CPU)
+    with pytest.raises(UserError, match="failed on all 1 JPEG files"):
+        list(on_device(loader_for(data, "val", "gpu", batch_size=1), CPU, ahead=True))
+    # Files that PIL refuses too are unreadable files, not a broken decoder.
+    batch = collated(data, ["damaged.JPEG"], jpeg_decoder="torchcodec")
+    assert batch.to_device(CPU) is None
+    assert [os.path.basename(item.path) for item in batch.unreadable] == ["damaged.JPEG"]
+
+
+def test_a_missing_decoder_is_one_clear_error_and_the_next_one_is_named(data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)  # import torchcodec fails
+    monkeypatch.setitem(JPEG_DECODERS, "torchcodec", JpegDecoder("torchcodec", load_torchcodec))
+    with_decoder(monkeypatch, "torchvision", lambda jpegs, device: None)
+    assert loader_for(data, "val", "gpu").dataset.jpeg_decoder == "torchvision"
+    assert describe_jpeg_decoder("torchvision") == (
+        "=> JPEG files decoded on the device by torchvision 0.test (torchcodec does not load: "
+        "ModuleNotFoundError: import of torchcodec halted; None in sys.modules)")
+    with pytest.raises(UserError, match=r"^--jpeg_decoder torchcodec does not load here \(ModuleNotFoundError: "
+                                        r"import of torchcodec halted.*\): install it, or leave"):
+        loader_for(data, "val", "gpu", jpeg_decoder="torchcodec")
+    # The day torchvision drops its decoder.
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    monkeypatch.setitem(JPEG_DECODERS, "torchvision", JpegDecoder("torchvision", load_torchvision))
+    with pytest.raises(UserError, match=r"^--data_backend gpu decodes JPEG files on the device with one "
+                                        r"of torchcodec, torchvision, and none loads here \(torchcodec: "
+                                        r"ModuleNotFoundError.*; torchvision: ImportError: cannot import name "
+                                        r"'decode_jpeg'.*\): pip install torchcodec"):
+        loader_for(data, "val", "gpu")
+    with pytest.raises(UserError, match="only --data_backend gpu uses"):
+        loader_for(data, "val", "pil", jpeg_decoder="torchcodec")
+
+
+@pytest.mark.skipif(not JPEG_DECODERS["torchvision"].load(), reason="torchvision's decoder does not load")
+def test_torchvisions_deprecation_reaches_the_user(data):
+    with pytest.deprecated_call(match="image decoding and encoding capabilities of TorchVision are deprecated"):
+        collated(data, ["plain.JPEG"], jpeg_decoder="torchvision").to_device(CPU)
 
 
 @pytest.mark.parametrize("backend", ["pil", "gpu"])

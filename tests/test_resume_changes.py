@@ -137,8 +137,11 @@ def test_another_data_backend_is_refused_unless_asked_for(stopped, tiny_data, te
     save = linked_copy(stopped, tmp_path / "run")
     line = refusal(tiny_data, teacher_weights, save, "--data_backend", "gpu")
     assert "--data_backend pil -> gpu" in line and "--resume_with_changes" in line
-    trainer = resumed(tiny_data, teacher_weights, save, "--data_backend", "gpu", "--resume_with_changes")
-    assert trainer.flag_changes == [{"epoch": 0, "iteration": 2, "changes": {"data_backend": ["pil", "gpu"]}}]
+    trainer = resumed(tiny_data, teacher_weights, save, "--data_backend", "gpu", "--jpeg_decoder", "torchvision",
+                      "--resume_with_changes")
+    # The device's decoder, which the pil backend does not have, is recorded as a speed flag.
+    assert trainer.flag_changes == [{"epoch": 0, "iteration": 2, "changes": {
+        "data_backend": ["pil", "gpu"], "jpeg_decoder": [None, "torchvision"]}}]
 
 
 def test_the_same_data_folder_and_teacher_named_otherwise_are_no_change(stopped, tiny_data, teacher_weights,

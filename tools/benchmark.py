@@ -24,7 +24,8 @@ training image, hence how far each is from the device's arithmetic peak.
 With a folder of generated JPEG files of ImageNet's size (``--loader_images`` of them):
 ``--loader`` adds the images/s of the data pipeline's workers alone, per ``--backends`` and per
 ``--loader_workers``; ``--end_to_end`` times real training steps of ``--end_to_end_configs`` fed by
-the real loader with each backend (the ``gpu`` one with each of ``--cpu_decode_shares``), and
+the real loader with each backend (the ``gpu`` one with each of ``--jpeg_decoders`` and of
+``--cpu_decode_shares``), and
 reports the share of the time spent waiting for data and the peak device memory. On a CPU, freed
 memory is kept for reuse as CPU training keeps it (``utils.runtime.keep_freed_host_memory``);
 ``--return_freed_memory`` measures with glibc's defaults instead.
@@ -59,6 +60,7 @@ from utils.data import BACKENDS, CPU_DECODE_SHARE, require_cpu_decode_share  # n
 from utils.cli import (OneLineErrorParser, add_arch_flag, add_device_flag, require_at_least,  # noqa: E402
                        require_image_size, resolve_device, resolve_workers)
 from utils.errors import UserError, report_user_errors  # noqa: E402
+from utils.pipeline import JPEG_DECODERS, jpeg_decoder_for  # noqa: E402
 from utils.runtime import keep_freed_host_memory  # noqa: E402
 
 DEFAULT_CONFIGS = ["baseline", "ours", "ours+metrics", *(f"ours+{flag}" for flag in SPEED_FLAGS), "fastest"]
@@ -108,6 +110,9 @@ def build_parser():
     parser.add_argument("--cpu_decode_shares", type=float, nargs="+", default=[CPU_DECODE_SHARE],
                         help="--end_to_end rows of the gpu backend, one per share of the JPEG files "
                              "decoded by PIL in the workers (as --cpu_decode_share in training)")
+    parser.add_argument("--jpeg_decoders", nargs="+", choices=list(JPEG_DECODERS), default=None,
+                        help="--end_to_end rows of the gpu backend, one per device JPEG decoder (as "
+                             "--jpeg_decoder in training; default: the one training would choose)")
     parser.add_argument("--end_to_end_configs", nargs="+", default=["ours", "fastest"],
                         help="configurations trained end to end")
     parser.add_argument("--end_to_end_workers", type=int, default=None,
@@ -129,6 +134,8 @@ def main(argv=None):
     require_image_size(args.image_size, arch=args.arch)
     for share in args.cpu_decode_shares:
         require_cpu_decode_share(share, "--cpu_decode_shares")
+    if args.end_to_end and "gpu" in args.backends:
+        args.jpeg_decoders = [jpeg_decoder_for("gpu", name) for name in args.jpeg_decoders or [None]]
     args.end_to_end_workers = resolve_workers(args.end_to_end_workers)
     for name in args.configs + args.end_to_end_configs:
         if name != "fastest":

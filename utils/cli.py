@@ -10,6 +10,7 @@ from models.registry import ACT_BINARIZERS, ARCHITECTURES, WEIGHT_BINARIZERS, ge
 
 from .data import CPU_DECODE_SHARE
 from .errors import UserError
+from .pipeline import JPEG_DECODERS
 
 
 # Unreadable images are skipped; more than this share of the images read so far in an epoch stops it.
@@ -132,6 +133,13 @@ def add_cpu_decode_share_flag(parser):
                         help="with --data_backend gpu: the share of the JPEG files decoded by PIL in "
                              "the loader's workers instead of on the device, chosen per sample from "
                              "(seed, epoch, position) (pixels as with pil; see the README)")
+
+
+def add_jpeg_decoder_flag(parser):
+    parser.add_argument("--jpeg_decoder", choices=list(JPEG_DECODERS), default=None,
+                        help=f"with --data_backend gpu: the library that decodes JPEG files on the "
+                             f"device (default: the first of {', '.join(JPEG_DECODERS)} that loads; "
+                             f"the one chosen is printed and recorded in args.json)")
 
 
 def require_share(flag, value):

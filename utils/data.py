@@ -29,7 +29,8 @@ from torchvision import datasets
 from torchvision.datasets.folder import has_file_allowed_extension
 
 from .errors import UserError
-from .pipeline import BACKENDS, READ_ERRORS, Batch, UnreadableImage, read_for_device, read_with_pil
+from .pipeline import (BACKENDS, READ_ERRORS, Batch, UnreadableImage, jpeg_decoder_for, read_for_device,
+                       read_with_pil)
 
 # The share of the JPEG files that backend ``gpu`` leaves to PIL in the loader's workers. Which share
 # fills the GPU depends on the CPU cores per GPU and awaits measurement (tools/measure_gpu.sh); until
@@ -51,11 +52,16 @@ class SeededImageFolder(datasets.ImageFolder):
         train: the training augmentation if True, else the validation transform.
         cpu_decode_share: with backend ``"gpu"``, the share of the samples whose JPEG PIL decodes
             in the worker, as the ``"pil"`` backend would (see ``decoded_by_pil``).
+        jpeg_decoder: with backend ``"gpu"``, the library that decodes JPEGs on the device (a
+            name in utils.pipeline.JPEG_DECODERS); by default the first that loads. The attribute
+            holds the one chosen (None with ``"pil"``).
     """
 
-    def __init__(self, root, image_size, backend="pil", train=False, cpu_decode_share=CPU_DECODE_SHARE):
+    def __init__(self, root, image_size, backend="pil", train=False, cpu_decode_share=CPU_DECODE_SHARE,
+                 jpeg_decoder=None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown data backend {backend!r}, expected one of {BACKENDS}")
+        self.jpeg_decoder = jpeg_decoder_for(backend, jpeg_decoder)
         super().__init__(root)
         self.image_size, self.backend, self.train = image_size, backend, train
         self.cpu_decode_share = cpu_decode_share
@@ -96,7 +102,7 @@ class SeededImageFolder(datasets.ImageFolder):
                 # queue a reseed of the CUDA generators, with a stack trace (0.2 ms a sample).
                 torch.default_generator.manual_seed(seed)
                 if self.backend == "gpu":
-                    return read_for_device(path, target, self.image_size, self.train,
+                    return read_for_device(path, target, self.image_size, self.train, self.jpeg_decoder,
                                            decoded_by_pil(seed, self.cpu_decode_share))
                 return read_with_pil(path, target, self.image_size, self.train)
         except READ_ERRORS as error:
@@ -128,7 +134,7 @@ def walk_each_folder_once(top, seen):
 
 
 def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=None,
-               num_classes=None, cpu_decode_share=CPU_DECODE_SHARE):
+               num_classes=None, cpu_decode_share=CPU_DECODE_SHARE, jpeg_decoder=None):
     """Opens ``root/split`` as a SeededImageFolder, or raises a UserError that says what is wrong.
 
     Args:
@@ -139,6 +145,8 @@ def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=
         class_to_idx: the classes another split uses; this split must have the same ones.
         num_classes: the classes a model predicts; this split must have that many.
         cpu_decode_share: with backend ``"gpu"``, the share of the JPEGs decoded by PIL.
+        jpeg_decoder: with backend ``"gpu"``, the device's JPEG decoder (default: the first that
+            loads; see SeededImageFolder).
     """
     require_cpu_decode_share(cpu_decode_share)
     folder = os.path.join(root, split)
@@ -147,7 +155,8 @@ def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=
                         f"(an ImageFolder tree)")
     try:
         dataset = SeededImageFolder(folder, image_size, backend,
-                                    split == "train" if train is None else train, cpu_decode_share)
+                                    split == "train" if train is None else train, cpu_decode_share,
+                                    jpeg_decoder)
     except FileNotFoundError as e:
         raise UserError(f"{folder} holds no images in class folders ({e}); expected "
                         f"{split}/<class>/<image>") from None

@@ -3,28 +3,30 @@ device does with a batch of them.
 
 Backend ``pil``: a worker decodes the file with PIL, crops, resizes and flips it, and hands over
 uint8 pixels. Backend ``gpu``: a worker reads the file's bytes and header only; the device decodes
-the batch's JPEG files together, then crops, resizes and flips each. Files the device's decoder
-cannot take (CMYK JPEGs, PNGs under a .JPEG name, truncated files) go the ``pil`` way in the
-worker, and so does a share of the others chosen per sample (``--cpu_decode_share``), so that idle
-workers take part of the decoding off the device. In both, lighting and normalisation run on the
-device (``Batch.to_device``).
+the batch's JPEG files together, with one of JPEG_DECODERS (torchcodec's, else torchvision's), then
+crops, resizes and flips each. Files the device's decoder cannot take (CMYK JPEGs, PNGs under a
+.JPEG name, truncated files, JPEGs with an EXIF orientation) go the ``pil`` way in the worker, and
+so does a share of the others chosen per sample (``--cpu_decode_share``), so that idle workers take
+part of the decoding off the device. In both, lighting and normalisation run on the device
+(``Batch.to_device``).
 """
+import functools
 import io
 import os
 import stat
-import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from .augment import Augmentation, crop, draw_augmentation, lighten, normalise
+from .errors import UserError
 
 BACKENDS = ("pil", "gpu")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 JPEG_END = b"\xff\xd9"
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; its value 1 means the pixels are stored as displayed
 # Far above any photograph (ImageNet's largest JPEG is under 16 MB); a bigger "image" is read as
 # unreadable instead of filling a worker's memory.
 MAX_FILE_BYTES = 256 * 2**20
@@ -45,13 +47,15 @@ class Sample(NamedTuple):
     """One readable sample as a worker hands it over.
 
     Exactly one of ``pixels`` (decoded, cropped and flipped on the CPU: uint8 (S, S, 3)) and
-    ``jpeg`` (the file's bytes as a uint8 tensor, for the device to decode) is set.
+    ``jpeg`` (the file's bytes as a uint8 tensor, for the device to decode with ``jpeg_decoder``,
+    a name in JPEG_DECODERS) is set.
     """
     target: int
     path: str
     augmentation: Optional[Augmentation]  # None under the validation transform
     pixels: Optional[np.ndarray] = None
     jpeg: Optional[torch.Tensor] = None
+    jpeg_decoder: Optional[str] = None
 
 
 def read_with_pil(path, target, image_size, train):
@@ -61,8 +65,9 @@ def read_with_pil(path, target, image_size, train):
         return Sample(target, path, augmentation, pixels=pixels_with_pil(image, image_size, augmentation))
 
 
-def read_for_device(path, target, image_size, train, decode_with_pil=False):
-    """Backend ``gpu``: the file's bytes and its augmentation, drawn from the header alone.
+def read_for_device(path, target, image_size, train, jpeg_decoder, decode_with_pil=False):
+    """Backend ``gpu``: the file's bytes and its augmentation, drawn from the header alone, for
+    ``jpeg_decoder`` (a name in JPEG_DECODERS) to decode on the device.
 
     A file the device cannot decode, or any file with ``decode_with_pil``, is decoded here
     instead, as the ``pil`` backend would.
@@ -70,7 +75,8 @@ def read_for_device(path, target, image_size, train, decode_with_pil=False):
     data, header = open_image(path)
     augmentation = draw_augmentation(header) if train else None
     if not decode_with_pil and device_decodable(header, data):
-        return Sample(target, path, augmentation, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return Sample(target, path, augmentation, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                      jpeg_decoder=jpeg_decoder)
     return Sample(target, path, augmentation, pixels=pixels_with_pil(header, image_size, augmentation))
 
 
@@ -108,13 +114,25 @@ def pixels_with_pil(image, image_size, augmentation):
 
 
 def device_decodable(header, data):
-    """Whether a file is an 8-bit RGB or grayscale JPEG that ends with its end-of-image marker.
+    """Whether a file is an 8-bit RGB or grayscale JPEG that ends with its end-of-image marker and
+    asks for no EXIF orientation.
 
     A file that does not end so is most likely truncated: PIL's verdict on it, made here, keeps
-    the count of unreadable files the same as under the ``pil`` backend.
+    the count of unreadable files the same as under the ``pil`` backend. No backend applies an EXIF
+    orientation (the published loader does not), but torchcodec's decoder always does: a file
+    whose EXIF asks for a turn or a mirror, or whose EXIF cannot be read, goes to PIL.
     """
     return (header.format == "JPEG" and header.mode in ("RGB", "L") and header.bits == 8
-            and data.endswith(JPEG_END))
+            and data.endswith(JPEG_END) and exif_orientation(header) == 1)
+
+
+def exif_orientation(header):
+    """The EXIF orientation of an opened image: 1 (as stored) where it has none; None where its
+    EXIF cannot be read."""
+    try:
+        return header.getexif().get(EXIF_ORIENTATION, 1)
+    except READ_ERRORS:
+        return None
 
 
 class Batch:
@@ -125,6 +143,7 @@ class Batch:
         unreadable: an UnreadableImage per sample that was skipped.
         augmentations: each readable sample's Augmentation (None under the validation transform).
         on_device: for each readable sample, whether its JPEG is decoded on the device.
+        jpeg_decoder: the name of the JPEG_DECODERS entry that decodes them; None without JPEGs.
     """
 
     def __init__(self, samples, image_size):
@@ -143,6 +162,7 @@ class Batch:
         jpegs = [s.jpeg for s in readable if s.jpeg is not None]
         self.jpeg_sizes = [len(jpeg) for jpeg in jpegs]
         self.jpegs = torch.cat(jpegs) if jpegs else None
+        self.jpeg_decoder = next((s.jpeg_decoder for s in readable if s.jpeg is not None), None)
 
     def __len__(self):
         return len(self.target)
@@ -187,20 +207,32 @@ class Batch:
         return torch.stack(images) if images else None
 
     def decode_jpegs(self, device):
-        """Each JPEG of the batch decoded on ``device`` and cropped; PIL decodes any it fails on.
+        """Each JPEG of the batch decoded on ``device`` and cropped; PIL decodes any that the
+        decoder fails on alone.
 
         Returns:
             per JPEG, a uint8 (3, S, S) tensor on ``device``, or an UnreadableImage.
+
+        Raises:
+            UserError: the decoder failed on every JPEG of the batch and PIL reads one of them
+                (where the batch has a single JPEG, only before the decoder has decoded any file).
         """
+        decoder = JPEG_DECODERS[self.jpeg_decoder]
         jpegs = list(torch.split(self.jpegs, self.jpeg_sizes))
         samples = [k for k, on_device in enumerate(self.on_device) if on_device]
-        return [self.crop_decoded(k, jpeg, image, device)
-                for k, jpeg, image in zip(samples, jpegs, decode_on_device(jpegs, device))]
+        decoded = decoder.decode(jpegs, device)
+        images = [self.crop_decoded(k, jpeg, image, device) for k, jpeg, image in zip(samples, jpegs, decoded)]
+        failures = [image for image in decoded if isinstance(image, DECODE_ERRORS)]
+        if (len(failures) == len(jpegs) and (len(jpegs) > 1 or not decoder.has_decoded)
+                and not all(isinstance(image, UnreadableImage) for image in images)):
+            raise decoder.broken(failures[0], len(jpegs))
+        return images
 
     def crop_decoded(self, k, jpeg, image, device):
-        """Sample ``k`` cropped from its decoded ``image``, or from PIL's decoding where that is None."""
+        """Sample ``k`` cropped from its decoded ``image``, or decoded by PIL where that is the
+        device decoder's error."""
         augmentation = self.augmentations[k]
-        if image is not None:
+        if not isinstance(image, DECODE_ERRORS):
             return crop(image, self.image_size, augmentation)
         try:
             pixels = pixels_with_pil(Image.open(io.BytesIO(jpeg.numpy())), self.image_size, augmentation)
@@ -229,43 +261,162 @@ class Batch:
         return [image for image, ok in zip(images, readable) if ok]
 
 
-def decode_on_device(jpegs, device):
-    """Decodes JPEG files on ``device``, all in one call where none fails.
-
-    Returns:
-        per file, a uint8 (3, H, W) tensor on ``device``, or None where the file fails alone.
-    """
-    decoded = try_decode_jpeg(jpegs, device)
-    if decoded is not None:
-        return decoded
-    return [None if image is None else image[0]
-            for image in (try_decode_jpeg([jpeg], device) for jpeg in jpegs)]
-
-
 # Whether each device decode first waits for the work already queued on the current stream. Only
 # the hazard test (tests/test_cuda.py) turns it off, to show what the wait prevents.
 DRAIN_BEFORE_DEVICE_DECODE = True
+# What a decoder raises on a file it cannot take (or a library that does not work here); running out
+# of device memory is not one of them.
+DECODE_ERRORS = RuntimeError
 
 
-def try_decode_jpeg(jpegs, device):
-    """torchvision's decode_jpeg on a list of files, or None if it fails."""
-    if device.type == "cuda" and DRAIN_BEFORE_DEVICE_DECODE:
-        # The decoder's outputs come from the caching allocator, which hands out a block freed on
-        # the current stream at once, since later work on that stream runs after the work queued
-        # before it. nvJPEG breaks that order: its hardware decode (Hopper) writes its outputs
-        # before the work queued on the stream has run, and torchvision submits the decode on a
-        # stream of its own that does not wait for the current one. Either way the decoder can
-        # overwrite a block that queued kernels still read (the previous batch's crops, here).
-        # Waiting for the current stream first, on the host, leaves no queued reader (a wait queued
-        # on a stream would not do: the hardware decoder does not keep to stream order). In
-        # training it is the decoding thread's own stream, so the training step does not wait.
-        torch.cuda.current_stream(device).synchronize()
-    with warnings.catch_warnings():
-        # torchvision 0.29 marks its image codecs deprecated in favour of a separate package.
-        warnings.simplefilter("ignore", DeprecationWarning)
+class JpegDecoder:
+    """A library that decodes a list of JPEG files on a device, imported when first used.
+
+    Attributes:
+        name: its ``--jpeg_decoder`` value, recorded in args.json.
+        version: the library's version, once loaded.
+        load_error: why it could not be imported, once that failed.
+        has_decoded: whether it has decoded a file in this process; until then, a batch whose one
+            file it fails on counts as a batch it fails on entirely.
+    """
+
+    def __init__(self, name, load):
+        self.name, self.load_library = name, load
+        self.decode_files = self.version = self.load_error = None
+        self.has_decoded = False
+
+    def load(self):
+        """Imports the library once; returns whether it works here, keeping the reason if not."""
+        if self.decode_files is None and self.load_error is None:
+            try:
+                self.decode_files, self.version = self.load_library()
+            except (ImportError, OSError, RuntimeError) as error:
+                self.load_error = one_line(error)
+        return self.decode_files is not None
+
+    def __str__(self):
+        return f"{self.name} {self.version}"
+
+    def decode(self, jpegs, device):
+        """Decodes JPEG files on ``device``, all in one call where none fails.
+
+        Returns:
+            per file, a uint8 (3, H, W) RGB tensor on ``device``, or the error the decoder raised
+            on that file alone.
+        """
+        images = self.try_decode(jpegs, device)
+        if not isinstance(images, DECODE_ERRORS):
+            return images
+        return [image if isinstance(image, DECODE_ERRORS) else image[0]
+                for image in (self.try_decode([jpeg], device) for jpeg in jpegs)]
+
+    def try_decode(self, jpegs, device):
+        """The decoded files, or the error the decoder raised on them."""
+        if device.type == "cuda" and DRAIN_BEFORE_DEVICE_DECODE:
+            # The decoder's outputs come from the caching allocator, which hands out a block freed
+            # on the current stream at once, since later work on that stream runs after the work
+            # queued before it. nvJPEG breaks that order: its hardware decode (Hopper) writes its
+            # outputs before the work queued on the stream has run, and torchvision submits the
+            # decode on a stream of its own that does not wait for the current one (torchcodec
+            # decodes on the current stream and waits for it before a hardware decode, but the
+            # wait stays for every decoder). Either way the decoder can overwrite a block that
+            # queued kernels still read (the previous batch's crops, here). Waiting for the current
+            # stream first, on the host, leaves no queued reader (a wait queued on a stream would
+            # not do: the hardware decoder does not keep to stream order). In training it is the
+            # decoding thread's own stream, so the training step does not wait.
+            torch.cuda.current_stream(device).synchronize()
         try:
-            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+            images = self.decode_files(jpegs, device=device)
         except torch.cuda.OutOfMemoryError:
             raise
-        except RuntimeError:
-            return None
+        except DECODE_ERRORS as error:
+            return error
+        self.has_decoded = True
+        return images
+
+    def broken(self, error, files):
+        """The UserError for a decoder that failed on every one of ``files`` JPEG files of a batch
+        that PIL reads, the first time with ``error``."""
+        return UserError(f"the device's JPEG decoder {self} failed on all {files} JPEG files of a "
+                         f"batch that PIL reads ({one_line(error)}), so it does not work here: "
+                         f"install torchcodec for this torch and CUDA (see the data pipeline's "
+                         f"docs), choose another with --jpeg_decoder, or use --data_backend pil")
+
+
+def one_line(error):
+    """An exception as one line of at most 300 characters: its type and message."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# The JPEG decoders of backend ``gpu`` by name, in order of preference: the first that loads runs
+# unless --jpeg_decoder names one. Each is registered as a function that imports the library and
+# returns its ``decode(jpegs, device=...)`` (per file, a uint8 (3, H, W) RGB tensor on the device;
+# DECODE_ERRORS on a file it cannot take) and its version, or raises ImportError, OSError or
+# RuntimeError where the library is missing or cannot load.
+JPEG_DECODERS = {}
+
+
+def register_jpeg_decoder(name):
+    """Decorator registering a decoder's loading function under ``name`` (see JPEG_DECODERS)."""
+    def decorate(load):
+        JPEG_DECODERS[name] = JpegDecoder(name, load)
+        return load
+    return decorate
+
+
+@register_jpeg_decoder("torchcodec")
+def load_torchcodec():
+    """torchcodec's decode_jpeg: nvJPEG on CUDA, libjpeg-turbo on the CPU. It always applies an
+    EXIF orientation (see ``device_decodable``)."""
+    import torchcodec
+    from torchcodec.decoders import decode_jpeg
+    return functools.partial(decode_jpeg, mode="RGB"), torchcodec.__version__
+
+
+@register_jpeg_decoder("torchvision")
+def load_torchvision():
+    """torchvision's decode_jpeg, deprecated since torchvision 0.29 in favour of torchcodec's: the
+    fallback while it exists. It warns so at each call."""
+    import torchvision
+    from torchvision.io import ImageReadMode, decode_jpeg
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB), torchvision.__version__
+
+
+def jpeg_decoder_for(backend, name=None):
+    """The name of the JPEG decoder that ``backend`` runs: ``name``, or by default the first of
+    JPEG_DECODERS that loads; None for backend ``pil``, which decodes with PIL alone.
+
+    Raises:
+        UserError: ``name`` given with backend ``pil``, or the decoder asked for (or every one)
+            does not load.
+    """
+    if backend != "gpu":
+        if name is not None:
+            raise UserError(f"--jpeg_decoder {name} names the device's JPEG decoder, which only "
+                            f"--data_backend gpu uses: drop it or pass --data_backend gpu")
+        return None
+    if name:
+        decoder = JPEG_DECODERS[name]
+        if not decoder.load():
+            raise UserError(f"--jpeg_decoder {name} does not load here ({decoder.load_error}): install "
+                            f"it, or leave --jpeg_decoder out to use the first of "
+                            f"{', '.join(JPEG_DECODERS)} that loads")
+        return name
+    for decoder in JPEG_DECODERS.values():
+        if decoder.load():
+            return decoder.name
+    reasons = "; ".join(f"{decoder.name}: {decoder.load_error}" for decoder in JPEG_DECODERS.values())
+    raise UserError(f"--data_backend gpu decodes JPEG files on the device with one of "
+                    f"{', '.join(JPEG_DECODERS)}, and none loads here ({reasons}): pip install "
+                    f"torchcodec (see the data pipeline's docs), or use --data_backend pil")
+
+
+def describe_jpeg_decoder(name):
+    """What a run prints at its start about the decoder ``name`` (from ``jpeg_decoder_for``), with
+    the preferred ones that do not load and why."""
+    decoder = JPEG_DECODERS[name]
+    skipped = [f"{other.name} does not load: {other.load_error}" for other in JPEG_DECODERS.values()
+               if other.load_error is not None]
+    return (f"=> JPEG files decoded on the device by {decoder}"
+            + (f" ({'; '.join(skipped)})" if skipped else ""))

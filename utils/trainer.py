@@ -28,6 +28,7 @@ from .evaluation import UnreadableLimit, evaluate
 from .meters import Meters, ProgressMeter
 from .monitor import MetricsLog, PaperMetrics
 from .optim import build_optimizer, build_scheduler
+from .pipeline import describe_jpeg_decoder
 from .runtime import configure_device, seed_everything
 from .signals import StopSignals, Stopped
 from .training_flags import build_parser, fill_defaults, step1_checkpoint, validate
@@ -46,7 +47,7 @@ EXPERIMENT_FLAGS = ("learning_rate", "weight_decay", "epochs", "batch_size", "op
                     "step1_checkpoint")
 # Flags that change only speed or rounding: a resume may change them, and the change is recorded.
 # The others (workers, printing, device...) may change freely between runs.
-SPEED_FLAGS = ("amp", "fused_optimizer", "channels_last", "compile", "deterministic")
+SPEED_FLAGS = ("amp", "fused_optimizer", "channels_last", "compile", "deterministic", "jpeg_decoder")
 # Flags that name what the run reads: compared by the folder's real path and the files' content.
 INPUT_FLAGS = ("data", "teacher_weights", "step1_checkpoint")
 
@@ -128,10 +129,11 @@ class TrainingData:
     def __init__(self, args, ctx):
         workers = resolve_workers(args.workers, ctx.local_world_size)
         self.train_set = open_split(args.data, "train", args.image_size, args.data_backend,
-                                    cpu_decode_share=args.cpu_decode_share)
+                                    cpu_decode_share=args.cpu_decode_share, jpeg_decoder=args.jpeg_decoder)
         self.val_set = open_split(args.data, "val", args.image_size, args.data_backend,
                                   class_to_idx=self.train_set.class_to_idx,
-                                  cpu_decode_share=args.cpu_decode_share)
+                                  cpu_decode_share=args.cpu_decode_share,
+                                  jpeg_decoder=self.train_set.jpeg_decoder)
         self.num_classes = len(self.train_set.classes)
         per_rank_batch = args.batch_size // ctx.world_size
         self.train_sampler = SeededSampler(len(self.train_set), args.seed, True, ctx.rank, ctx.world_size,
@@ -157,6 +159,9 @@ class Trainer:
         self.log = run_folder.ConsoleLog(os.path.join(self.save_dir, "log.txt"), self.ctx.is_main)
         configure_device(self.device, args.deterministic)
         self.data = TrainingData(args, self.ctx)
+        args.jpeg_decoder = self.data.train_set.jpeg_decoder  # the one chosen, or None with pil
+        if args.jpeg_decoder:
+            self.log(describe_jpeg_decoder(args.jpeg_decoder))
         self.num_classes = self.data.num_classes
 
         self.resume_path = os.path.join(self.save_dir, run_folder.LAST)

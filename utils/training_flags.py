@@ -8,9 +8,9 @@ import os
 from . import recipe
 from models import ModelSpec
 
-from .cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag, add_model_flags,
-                  add_unreadable_flag, add_workers_flag, require_at_least, require_image_size,
-                  require_positive, require_seed, require_share)
+from .cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag, add_jpeg_decoder_flag,
+                  add_model_flags, add_unreadable_flag, add_workers_flag, require_at_least,
+                  require_image_size, require_positive, require_seed, require_share)
 from .data import BACKENDS, require_cpu_decode_share
 from .errors import UserError
 
@@ -54,6 +54,7 @@ def build_parser(step):
                         help="where images are decoded and resized: pil (in the loader's workers, the "
                              "published pixels) or gpu (JPEGs decoded on the device; see the README)")
     add_cpu_decode_share_flag(parser)
+    add_jpeg_decoder_flag(parser)
     parser.add_argument("--image_size", type=int, default=224,
                         help="training crop; validation resizes to round(size/0.875) then centre-crops")
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
@@ -76,8 +77,8 @@ def build_parser(step):
                              "size, teacher (or its weights' content), image size, seed, data folder "
                              "or data backend differ from its checkpoint, continuing with the new "
                              "values (the speed flags --amp, --fused_optimizer, --channels_last, "
-                             "--compile and --deterministic may change without it; every change is "
-                             "recorded in the checkpoint's flag_changes)")
+                             "--compile, --deterministic and --jpeg_decoder may change without it; "
+                             "every change is recorded in the checkpoint's flag_changes)")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic GPU kernels (cuDNN deterministic, no autotuning, "
                              "torch.use_deterministic_algorithms), so a resumed GPU run is bit-identical; slower")

@@ -51,9 +51,11 @@ def feed(run, batch, images):
 
 
 def decode_options(args):
-    """``(backend, share of the JPEGs decoded by PIL)`` of each way of decoding to measure: the
-    ``gpu`` backend once per ``--cpu_decode_shares``; the share is None where it means nothing."""
-    return [(backend, share) for backend in args.backends
+    """``(backend, JPEG decoder, share of the JPEGs decoded by PIL)`` of each way of decoding to
+    measure: the ``gpu`` backend once per ``--jpeg_decoders`` and ``--cpu_decode_shares``; the
+    decoder and the share are None where they mean nothing."""
+    return [(backend, decoder, share) for backend in args.backends
+            for decoder in (args.jpeg_decoders if backend == "gpu" else [None])
             for share in (args.cpu_decode_shares if backend == "gpu" else [None])]
 
 
@@ -62,17 +64,20 @@ def benchmark_end_to_end(bench, variants, folder, args, log):
     RecipeStepBenchmark."""
     rows = []
     pin = bench.device.type == "cuda"
-    for backend, share in decode_options(args):
-        dataset = open_split(folder, "train", args.image_size, backend, cpu_decode_share=share or 0.0)
+    for backend, decoder, share in decode_options(args):
+        dataset = open_split(folder, "train", args.image_size, backend, cpu_decode_share=share or 0.0,
+                             jpeg_decoder=decoder)
         loader = make_loader(dataset, SeededSampler(len(dataset), args.seed), args.batch_size,
                              args.end_to_end_workers, pin)
         for variant in variants:
             if variant not in bench.runs:
                 continue
-            log(f"step {bench.step}: end to end, {backend} backend (PIL share {share}), {variant.name}")
+            log(f"step {bench.step}: end to end, {backend} backend (decoder {decoder}, PIL share {share}), "
+                f"{variant.name}")
             measured = time_fed_training(bench.runs[variant], loader, args.end_to_end_iterations,
                                          args.warmup)
             rows.append({"step": bench.step, "config": variant.name, "backend": backend,
-                         "cpu_decode_share": share, "workers": args.end_to_end_workers, **measured})
+                         "jpeg_decoder": decoder, "cpu_decode_share": share,
+                         "workers": args.end_to_end_workers, **measured})
         del loader  # stops its workers
     return rows

@@ -84,13 +84,16 @@ def render(report):
                       f"workers) from {meta['loader_images']} generated JPEG files of ImageNet's size, "
                       f"{meta['end_to_end_iterations']} timed iterations; data wait = share of the wall "
                       f"time spent waiting for the next batch (the gpu backend's decoding runs in "
-                      f"the step); PIL share = the gpu backend's share of the JPEG files decoded by "
-                      f"PIL in the workers; x baseline = against the compute-only baseline row",
-                  "", "| config | step | backend | PIL share | images/s | x baseline | data wait | peak MiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                      f"the step); decoder = the gpu backend's device JPEG decoder; PIL share = its "
+                      f"share of the JPEG files decoded by PIL in the workers; x baseline = against "
+                      f"the compute-only baseline row",
+                  "", "| config | step | backend | decoder | PIL share | images/s | x baseline | data wait "
+                      "| peak MiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in report["end_to_end"]:
             share = "" if row["cpu_decode_share"] is None else f"{row['cpu_decode_share']:g}"
-            lines.append(f"| {row['config']} | {row['step']} | {row['backend']} | {share} | "
+            lines.append(f"| {row['config']} | {row['step']} | {row['backend']} | {row['jpeg_decoder'] or ''} | "
+                         f"{share} | "
                          f"{row['images_per_s']:.1f} | {_ratio(row.get('speedup'))} | "
                          f"{100 * row['data_wait_share']:.1f}% | {_mib(row['peak_bytes'])} |")
     if report["loader"]:
