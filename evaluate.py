@@ -19,31 +19,33 @@ from utils.evaluation import evaluate
 from utils.pipeline import describe_jpeg_decoder
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="ImageFolder root holding val/")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file (ours or released)")
     parser.add_argument("--step", type=int, choices=[1, 2], default=None,
                         help="1: real weights, 2: binary weights (default: from the checkpoint; "
                              "2 for released files)")
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--image_size", type=int, default=224,
+                        help="centre crop; images are first resized to round(size/0.875)")
+    parser.add_argument("--batch_size", type=int, default=256, help="images per batch (all processes)")
     add_workers_flag(parser)
     parser.add_argument("--data_backend", choices=BACKENDS, default="pil",
                         help="where images are decoded and resized: pil (in the loader's workers) or "
-                             "gpu (on the device; see the README)")
+                             "gpu (on the device; see docs/data.md)")
     add_cpu_decode_share_flag(parser)
     add_jpeg_decoder_flag(parser)
     add_device_flag(parser)
-    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    parser.add_argument("--print_freq", type=int, default=10)
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                        help="autocast precision (default none: fp32)")
+    parser.add_argument("--print_freq", type=int, default=10, help="print a progress line every N batches")
     add_unreadable_flag(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
 @report_user_errors
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     require_positive({"--batch_size": args.batch_size})
     require_share("--max_unreadable_share", args.max_unreadable_share)
     require_image_size_in_memory(args.image_size)

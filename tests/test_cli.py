@@ -8,7 +8,6 @@ import torchvision
 
 from conftest import (NUM_CLASSES, evaluate_args, last_val_line, run_script, run_sh,
                       single_error_line, succeeded, train_args, write_image_folder)
-from utils.cli import OneLineErrorParser
 
 BEST = "model_best.pth.tar"
 
@@ -208,38 +207,11 @@ def test_evaluate_other_architecture(tiny_data, teacher_weights):
     assert "unexpected" in line and re.search(r"(?<![\w.])conv1\.weight", line), line
 
 
-def parser_builders():
-    """What builds the parser of each command line: the training steps, evaluate.py and the tools."""
-    import evaluate
-    from tools import ablation, benchmark, export_lce, landscape, make_demo_data, summary, train_teacher
-    from utils.training_flags import build_parser
-    return {"step1/train.py": lambda: build_parser(1), "step2/train.py": lambda: build_parser(2),
-            "evaluate.py": evaluate.parse_args, "tools.benchmark": benchmark.build_parser,
-            **{f"tools.{module.__name__.split('.')[-1]}": module.parse_args
-               for module in (ablation, export_lce, landscape, make_demo_data, summary, train_teacher)}}
-
-
-class Built(Exception):
-    """Carries a parser out of the function that built it, before it parses anything."""
-
-
-def built_parser(build, monkeypatch):
-    def catch(parser, *args, **kwargs):
-        raise Built(parser)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(OneLineErrorParser, "parse_args", catch)
-        try:
-            parser = build()
-        except Built as built:
-            parser = built.args[0]
-    return parser
-
-
-def test_every_float_flag_refuses_nan_infinity_and_beyond_float32(monkeypatch, capsys):
+def test_every_float_flag_refuses_nan_infinity_and_beyond_float32(capsys):
+    from tools.flag_docs import COMMANDS
     refused = set()
-    for command, build in parser_builders().items():
-        parser = built_parser(build, monkeypatch)
+    for command in COMMANDS:
+        parser = command.build_parser()
         for action in parser._actions:
             if action.type is not float:
                 continue
@@ -249,13 +221,13 @@ def test_every_float_flag_refuses_nan_infinity_and_beyond_float32(monkeypatch, c
                     parser.parse_args([f"{action.option_strings[-1]}={value}"])
                 assert exit_info.value.code == 2
                 assert capsys.readouterr().err == (f"error: argument {flag}: {value} is not a finite "
-                                                   f"number: pass a finite value (see --help)\n"), command
+                                                   f"number: pass a finite value (see --help)\n"), command.line
             # Finite in float64 but not in float32, where Adam's update raises on it.
             with pytest.raises(SystemExit):
                 parser.parse_args([f"{action.option_strings[-1]}=-1e39"])
-            assert capsys.readouterr().err.startswith(f"error: argument {flag}: -1e39 is beyond float32's range"), command
-            refused.add(f"{command} {flag}")
-    assert {"step1/train.py --learning_rate", "step1/train.py --weight_decay",
-            "step2/train.py --weight_decay", "evaluate.py --max_unreadable_share",
-            "tools.landscape --span", "tools.train_teacher --weight_decay",
-            "tools.ablation --adam_learning_rate"} <= refused
+            assert capsys.readouterr().err.startswith(f"error: argument {flag}: -1e39 is beyond float32's range"), command.line
+            refused.add(f"{command.line} {flag}")
+    assert {"python step1/train.py --learning_rate", "python step1/train.py --weight_decay",
+            "python step2/train.py --weight_decay", "python evaluate.py --max_unreadable_share",
+            "python -m tools.landscape --span", "python -m tools.train_teacher --weight_decay",
+            "python -m tools.ablation --adam_learning_rate"} <= refused

@@ -273,7 +273,7 @@ def write_report(configs, runs_dir, path, source):
     return text
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
     parser.add_argument("--out", required=True,
@@ -290,17 +290,17 @@ def parse_args(argv=None):
     forwarded = parser.add_argument_group("passed to every train script when given")
     forwarded.add_argument("--teacher", help="torchvision model name of the teacher")
     forwarded.add_argument("--teacher_weights", help="state_dict file of the teacher")
-    forwarded.add_argument("--batch_size", type=int)
-    forwarded.add_argument("--image_size", type=int)
-    forwarded.add_argument("-j", "--workers", type=int)
+    forwarded.add_argument("--batch_size", type=int, help="global batch of every run")
+    forwarded.add_argument("--image_size", type=int, help="training crop of every run")
+    forwarded.add_argument("-j", "--workers", type=int, help="loader workers per run")
     parser.add_argument("extra", nargs="*",
                         help="after '--': more flags for every train script, e.g. -- --device cpu")
-    return parser.parse_args(argv)
+    return parser
 
 
 @report_user_errors
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     learning_rates = {name: getattr(args, f"{name}_learning_rate") for name in OPTIMIZERS
                       if getattr(args, f"{name}_learning_rate") is not None}
     require_positive({"--epochs": args.epochs,

@@ -430,7 +430,7 @@ def default_lce_env():
     return os.environ.get("LCE_ENV", os.path.join(REPO_ROOT, ".lce_env"))
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="step-2 checkpoint (ours or a released file)")
     parser.add_argument("--data", help="ImageFolder root holding val/")
@@ -446,16 +446,22 @@ def parse_args(argv=None):
                              "inputs, from the first batch")
     parser.add_argument("--sign_eps", type=float, default=1e-5,
                         help="pre-sign values within this of 0 may binarize differently (also the least "
-                             "margin of a block's second sign, see the README)")
+                             "margin of a block's second sign, see docs/export.md)")
     parser.add_argument("--min_agreement", type=float, default=99.0,
                         help="fail below this top-1 agreement in percent")
     parser.add_argument("--kernel", choices=["indirect_bgemm", "bgemm"], default="indirect_bgemm",
                         help="LCE binary conv kernel of the verification (both are timed)")
     parser.add_argument("--threads", type=int, default=1, help="threads of the latency measurements")
     parser.add_argument("--bench_runs", type=int, default=20, help="timed batch-1 runs per engine")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64,
+                        help="validation images read, run and compared at a time (the work folder holds one batch)")
     add_workers_flag(parser)
     add_unreadable_flag(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.setup_only and not (args.checkpoint and args.data):
         parser.error("--checkpoint and --data are required (or --setup_only)")

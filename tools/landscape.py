@@ -42,7 +42,7 @@ from utils.data import SeededSampler, make_loader, open_split  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint file (ours or released)")
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/")
@@ -52,15 +52,16 @@ def parse_args(argv=None):
                         help="grid points per direction, odd so that 0 is one of them")
     parser.add_argument("--span", type=float, default=1.0, help="coordinates run over [-span, span]")
     parser.add_argument("--batches", type=int, default=10, help="training batches the loss is taken on")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=256, help="images per training batch")
+    parser.add_argument("--image_size", type=int, default=224,
+                        help="centre crop of the validation transform the batches are read with")
     parser.add_argument("--step", type=int, choices=[1, 2], default=None,
                         help="1: real weights, 2: binary weights (default: from the checkpoint; "
                              "2 for released files)")
     add_workers_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="fixes the directions and which images are used")
     add_device_flag(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
 def check_args(args):
@@ -218,7 +219,7 @@ def make_out_dir(path):
 
 @report_user_errors
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     check_args(args)
     device = resolve_device(args.device)
     model, step = model_from_checkpoint(args.checkpoint, args.step)

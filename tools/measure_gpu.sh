@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure the README quotes, in one run of about 5 minutes on one H200 with 16 CPU cores:
+# Every GPU figure docs/speed.md quotes, in one run of about 5 minutes on one H200 with 16 CPU cores:
 # 1. the hazard of each device JPEG decoder (torchcodec's, torchvision's), with the guard and
 #    without it (tests/test_cuda.py as a script);
 # 2. the CUDA tests: the hazard test and each kind of JPEG decoded by nvjpeg against PIL (path

@@ -24,7 +24,7 @@ DEFAULT_NUM_CLASSES = 1000
 COLUMNS = ("layer", "kind", "input", "output", "MACs", "params")
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image_size", type=int, default=224, help="side of the square input image")
     parser.add_argument("--num_classes", type=int, default=None,
@@ -33,7 +33,7 @@ def parse_args(argv=None):
                         help="1: real weights, 2: binary weights (default: from the checkpoint, else 2)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint file (ours or released)")
     add_arch_flag(parser, help_default=f"{ModelSpec.arch}; with --checkpoint, the checkpoint's")
-    return parser.parse_args(argv)
+    return parser
 
 
 def build_model(args):
@@ -91,7 +91,7 @@ def format_reported(architecture):
 
 @report_user_errors
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     model, step = build_model(args)
     counts = count_ops(model, args.image_size)
     print(f"{title_of(model)}, step {step} ({'binary' if step == 2 else 'real'} weights), "

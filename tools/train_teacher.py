@@ -25,15 +25,15 @@ from utils.evaluation import UnreadableLimit, evaluate
 from utils.runtime import seed_everything
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
     parser.add_argument("--arch", default="resnet34",
                         help="torchvision classification model name (default resnet34, the steps' "
                              "default --teacher)")
     parser.add_argument("--out", required=True, help="file to write the trained weights to")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs")
+    parser.add_argument("--batch_size", type=int, default=128, help="images per batch")
     parser.add_argument("--learning_rate", type=float, default=2e-3,
                         help="AdamW peak learning rate, cosine-annealed to zero over the run")
     parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     add_workers_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
     add_device_flag(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
 def check_args(args):
@@ -92,7 +92,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device):
 
 @report_user_errors
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     check_args(args)
     device = resolve_device(args.device)
     seed_everything(args.seed)

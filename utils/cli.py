@@ -132,7 +132,7 @@ def add_cpu_decode_share_flag(parser):
     parser.add_argument("--cpu_decode_share", type=float, default=CPU_DECODE_SHARE,
                         help="with --data_backend gpu: the share of the JPEG files decoded by PIL in "
                              "the loader's workers instead of on the device, chosen per sample from "
-                             "(seed, epoch, position) (pixels as with pil; see the README)")
+                             "(seed, epoch, position) (pixels as with pil; see docs/data.md)")
 
 
 def add_jpeg_decoder_flag(parser):

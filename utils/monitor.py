@@ -4,7 +4,7 @@
   step, ``sum |sign(w_t+1) - sign(w_t)| / 2 / count``, averaged over the epoch's iterations, overall
   and per layer. Each step compares sign bits (``w < 0``), so a weight of exactly 0 counts as
   positive rather than as the formula's half flip: cheaper than comparing ``sign()`` values (the
-  README gives the measured cost), and the same numbers in practice, since an optimizer step
+  cost measured in docs/analysis.md), and the same numbers in practice, since an optimizer step
   essentially never lands a weight on exactly 0.
 - C2I: sign correlation between the current latent weights and those at the start of this step,
   ``1 - 2 * share of signs that differ``. (The paper's printed formula does not reproduce its

@@ -44,7 +44,7 @@ def keep_freed_host_memory():
 
     A CPU training iteration allocates and frees the same large tensors every time. By default
     glibc maps blocks of a few MB and more freshly from the system and gives freed heap back, so
-    every iteration page-faults its working set in again (the README's speed section gives the
+    every iteration page-faults its working set in again (docs/speed.md gives the
     cost). The process's resident memory then stays at its peak. Numerics are untouched.
 
     Returns:

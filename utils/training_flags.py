@@ -35,7 +35,8 @@ def build_parser(step):
     add_model_flags(parser)
     parser.add_argument("--batch_size", type=int, default=recipe.BATCH_SIZE,
                         help="global batch size (all processes)")
-    parser.add_argument("--epochs", type=int, default=recipe.EPOCHS)
+    parser.add_argument("--epochs", type=int, default=recipe.EPOCHS,
+                        help="epochs of this step; the learning rate falls linearly to 0 over them")
     parser.add_argument("--learning_rate", type=float, default=None,
                         help=f"default: {recipe.LEARNING_RATES['adam']:g} with Adam, "
                              f"{recipe.LEARNING_RATES['sgd']:g} with SGD")
@@ -52,7 +53,7 @@ def build_parser(step):
     add_workers_flag(parser)
     parser.add_argument("--data_backend", choices=BACKENDS, default="pil",
                         help="where images are decoded and resized: pil (in the loader's workers, the "
-                             "published pixels) or gpu (JPEGs decoded on the device; see the README)")
+                             "published pixels) or gpu (JPEGs decoded on the device; see docs/data.md)")
     add_cpu_decode_share_flag(parser)
     add_jpeg_decoder_flag(parser)
     parser.add_argument("--image_size", type=int, default=224,

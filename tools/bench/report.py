@@ -105,5 +105,5 @@ def render(report):
         for row in report["loader"]:
             lines.append(f"| {row['backend']} | {row['workers']} | {row['images_per_s']:.1f} | "
                          f"{row['images_per_s_per_worker']:.1f} |")
-    lines += ["", "Every GPU figure of the README, on a GPU machine: bash tools/measure_gpu.sh"]
+    lines += ["", "Every GPU figure of docs/speed.md, on a GPU machine: bash tools/measure_gpu.sh"]
     return "\n".join(lines)
