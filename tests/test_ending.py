@@ -53,7 +53,7 @@ def test_a_batch_of_one_image_is_one_error_line(tiny_data, teacher_weights, tmp_
 
 def test_a_batch_size_beyond_int64_is_one_error_line(tiny_data, teacher_weights, tmp_path):
     line = one_error_line(run_bounded(step1(tiny_data, teacher_weights, tmp_path, "--batch_size", 2**63)))
-    assert "--batch_size" in line and "beyond the largest whole number" in line
+    assert "--batch_size 9223372036854775808 is beyond the largest count taken" in line
 
 
 @pytest.mark.parametrize("unreadable, what", [(3, "has 1 readable image"), (4, "has no readable image")])

@@ -41,29 +41,13 @@ def finite_float(text):
     return value
 
 
-# The largest whole number a flag takes: counts and sizes end up in int64 tensors and in Python's
-# sequence indices, which stop there.
-INT64_MAX = 2**63 - 1
-
-
-def bounded_int(text):
-    """An int flag's value, refused beyond int64 (a batch or epoch count no run can hold)."""
-    value = int(text)
-    if abs(value) > INT64_MAX:
-        raise argparse.ArgumentTypeError(f"{text} is beyond the largest whole number taken "
-                                         f"(2**63 - 1): pass a smaller value")
-    return value
-
-
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line (no usage block) and exits with status 2, every
-    ``type=float`` flag refuses NaN, infinity and values beyond float32, and every ``type=int``
-    flag values beyond int64."""
+    """argparse, but a bad flag prints one line (no usage block) and exits with status 2, and every
+    ``type=float`` flag refuses NaN, infinity and values beyond float32."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register("type", float, finite_float)
-        self.register("type", int, bounded_int)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
@@ -105,6 +89,18 @@ def require_positive(flags):
     for flag, value in flags.items():
         if not value > 0:
             raise UserError(f"{flag} must be positive, got {value}")
+
+
+# The largest count or size taken (batch, epochs, iterations): Python's sequences and torch's int64
+# tensors stop there.
+MAX_COUNT = 2**63 - 1
+
+
+def require_count(flags):
+    """A UserError naming the first flag in ``{"--flag": value}`` that is beyond MAX_COUNT."""
+    for flag, value in flags.items():
+        if value > MAX_COUNT:
+            raise UserError(f"{flag} {value} is beyond the largest count taken (2**63 - 1): pass a smaller value")
 
 
 def require_at_least(minimum, flags):

@@ -10,7 +10,8 @@ from models import ModelSpec
 
 from .cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag, add_jpeg_decoder_flag,
                   add_model_flags, add_unreadable_flag, add_workers_flag, require_at_least,
-                  require_image_size, require_positive, require_seed, require_share)
+                  require_count, require_image_size, require_positive, require_seed,
+                  require_share)
 from .data import BACKENDS, require_cpu_decode_share
 from .errors import UserError
 
@@ -102,6 +103,8 @@ def validate(args, world_size=1):
     """Raises a UserError for values no run can use, before anything is built."""
     require_positive({"--batch_size": args.batch_size, "--epochs": args.epochs,
                       "--learning_rate": args.learning_rate, "--print_freq": args.print_freq})
+    require_count({"--batch_size": args.batch_size, "--epochs": args.epochs, "--print_freq": args.print_freq,
+                   "--save_every_iters": args.save_every_iters})
     require_at_least(0, {"--weight_decay": args.weight_decay,
                          "--save_every_iters": args.save_every_iters})
     if args.workers is not None:
