@@ -191,9 +191,9 @@ def test_no_worker_outlives_a_sigkilled_evaluation(tiny_data, teacher_weights, t
 
 
 def test_the_stop_ends_the_iteration_it_arrives_in(tiny_data, teacher_weights, tmp_path):
-    # SIGTERM while the student's forward pass of step 3 (iteration 2) runs: that iteration ends,
-    # is saved, and the run stops; none more is trained.
-    command = step1(tiny_data, teacher_weights, tmp_path, "--epochs", 2)
+    # SIGTERM while the student's forward pass of step 3 (iteration 2 of 6) runs: that iteration
+    # ends, is saved, and the run stops; none more is trained.
+    command = step1(tiny_data, teacher_weights, tmp_path, "--epochs", 2, "--batch_size", 4)
     stopped = signalled_group([sys.executable, INTERRUPTED_RUN, *command[1:]], "SIGTERM", after_step=3,
                               env={"INTERRUPT_DURING": "forward"})
     assert stopped.returncode == 143, stopped.stdout[-3000:]
