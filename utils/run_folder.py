@@ -65,6 +65,14 @@ class RunFolderLock:
     flock, shared with such copies, ends with this process too.
     """
 
+    # The locks this process holds, by folder: like the POSIX lock, the folder's lock belongs to the
+    # process, so a second run built in the same process (a test, a notebook) shares it.
+    held = {}
+
+    @classmethod
+    def take(cls, folder):
+        return cls.held.get(folder) or cls(folder)
+
     def __init__(self, folder):
         self.folder, self.path = folder, os.path.join(folder, LOCK)
         self.folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -78,6 +86,7 @@ class RunFolderLock:
         self.fd = self.lock_file()
         if self.fd is None:
             self.in_use()
+        RunFolderLock.held[folder] = self
 
     def lock_file(self):
         """Locks run.lock (created if absent) and writes this process in it; None if another holds it."""
@@ -123,6 +132,8 @@ class RunFolderLock:
             self.folder_fd = None
 
     def close(self):
+        if RunFolderLock.held.get(self.folder) is self:
+            del RunFolderLock.held[self.folder]
         self.close_folder_fd()
         if getattr(self, "fd", None) is not None:
             os.close(self.fd)
@@ -196,7 +207,7 @@ def prepare_run_folder(folder, ctx):
     if ctx.is_main:
         try:
             os.makedirs(folder, exist_ok=True)
-            lock = RunFolderLock(folder)
+            lock = RunFolderLock.take(folder)
             remove_partial_files(folder)
             probe = os.path.join(folder, f"{WRITE_TEST}{os.getpid()}")
             with open(probe, "w"):
