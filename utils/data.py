@@ -83,10 +83,10 @@ class SeededImageFolder(datasets.ImageFolder):
             class_folders[real] = name
         for name in sorted(class_to_idx):
             folders = sorted(walk_each_folder_once(os.path.join(directory, name), seen))
-            for folder, _ in folders:
-                refuse_other_class(folder, name, class_folders)
+            for folder, real, _ in folders:
+                refuse_other_class(folder, real, name, class_folders)
             found = [(os.path.join(folder, file), class_to_idx[name])
-                     for folder, files in folders
+                     for folder, _, files in folders
                      for file in sorted(files) if accept(os.path.join(folder, file))]
             if not found and not allow_empty:
                 raise FileNotFoundError(f"found no image in {os.path.join(directory, name)}")
@@ -109,10 +109,10 @@ class SeededImageFolder(datasets.ImageFolder):
             return UnreadableImage.from_error(path, error)
 
 
-def refuse_other_class(folder, name, class_folders):
-    """A UserError if ``folder``, reached from class ``name``'s folder, is (or lies inside) another
-    class's folder: through a link, that class's images would be labelled ``name``."""
-    real = os.path.realpath(folder)
+def refuse_other_class(folder, real, name, class_folders):
+    """A UserError if ``folder`` (real path ``real``), reached from class ``name``'s folder, is (or
+    lies inside) another class's folder: through a link, that class's images would be labelled
+    ``name``."""
     for other_real, other in class_folders.items():
         if other != name and (real == other_real or real.startswith(other_real + os.sep)):
             raise UserError(f"{folder} (in class folder '{name}') leads to {other_real}, the folder of "
@@ -121,8 +121,8 @@ def refuse_other_class(folder, name, class_folders):
 
 
 def walk_each_folder_once(top, seen):
-    """``(folder, file names)`` under ``top``, following links but entering no real folder that
-    is in ``seen``, which collects the real folders entered."""
+    """``(folder, its real path, file names)`` under ``top``, following links but entering no real
+    folder that is in ``seen``, which collects the real folders entered."""
     for folder, subfolders, files in os.walk(top, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
@@ -130,7 +130,7 @@ def walk_each_folder_once(top, seen):
             continue
         seen.add(real)
         subfolders.sort()  # which of two links to one folder is kept does not depend on the disk
-        yield folder, files
+        yield folder, real, files
 
 
 def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=None,

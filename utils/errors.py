@@ -55,11 +55,10 @@ def report_user_errors(main):
         # SIGINT ignored and a Ctrl-C forwarded by run.sh would do nothing until training starts.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
-            result = main(*args, **kwargs)
-        except SystemExit as e:
-            end_child_processes()
-            raise SystemExit(e.code) from None
-        except BaseException as e:  # noqa: B036 -- every way out ends the children first
+            return main(*args, **kwargs)
+        except SystemExit:
+            raise
+        except BaseException as e:  # noqa: B036 -- every way out is reported, then ends below
             status, message = 1, None
             if isinstance(e, USER_ERRORS):
                 status, message = 2, str(e)
@@ -70,9 +69,8 @@ def report_user_errors(main):
                 traceback.print_exc()
             if message and os.environ.get("RANK", "0") == "0":
                 print(f"error: {printable(message)}", file=sys.stderr, flush=True)
-            end_child_processes()
             raise SystemExit(status) from None
-        end_child_processes()
-        return result
+        finally:
+            end_child_processes()
 
     return wrapper

@@ -74,7 +74,7 @@ class RunFolderLock:
         return cls.held.get(folder) or cls(folder)
 
     def __init__(self, folder):
-        self.folder, self.path = folder, os.path.join(folder, LOCK)
+        self.folder, self.path, self.fd = folder, os.path.join(folder, LOCK), None
         self.folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         os.register_at_fork(after_in_child=self.close_folder_fd)
         try:
@@ -135,7 +135,7 @@ class RunFolderLock:
         if RunFolderLock.held.get(self.folder) is self:
             del RunFolderLock.held[self.folder]
         self.close_folder_fd()
-        if getattr(self, "fd", None) is not None:
+        if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
