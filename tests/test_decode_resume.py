@@ -14,6 +14,8 @@ from test_robustness import assert_resumed_to_the_uninterrupted_end, checkpoint,
 from utils import distributed
 from utils.data import SeededSampler, decoded_by_pil
 from utils.trainer import TrainingData
+from models import RunSpec
+from utils.recipe import ADAMBNN
 from utils.training_flags import build_parser, fill_defaults
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -56,7 +58,8 @@ def test_killed_inside_an_epoch_then_rerun_ends_bit_identical(tiny_jpegs, teache
 def test_training_validates_with_the_decoding_choices_of_evaluate_py(tiny_jpegs):
     flags = ["--data", tiny_jpegs, "--seed", "3", "--data_backend", "gpu", "--cpu_decode_share", "0.5",
              "-j", "0", "--device", "cpu"]
-    data = TrainingData(fill_defaults(build_parser(1).parse_args(flags)), distributed.init("cpu"))
+    args = fill_defaults(build_parser(1).parse_args(flags), ADAMBNN, 1)
+    data = TrainingData(args, distributed.init("cpu"), RunSpec())
     size = len(data.val_set)
     assert data.val_set.cpu_decode_share == 0.5
     # evaluate.py's sampler, which has no seed flag; the run's seed would take other files to PIL.

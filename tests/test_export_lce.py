@@ -138,9 +138,7 @@ def test_wrong_model_file_fails_the_export(demo, tmp_path, capsys, monkeypatch):
 
 def test_pytorch_side_equals_evaluate(demo, capsys):
     """The reference the export is compared with is evaluate.py's model on evaluate.py's images."""
-    args = evaluate_args(demo["data"], demo["checkpoint"])
-    args[args.index("--image_size") + 1] = EXPORT_SIZE
-    evaluate.main([str(a) for a in args])
+    evaluate.main([str(a) for a in evaluate_args(demo["data"], demo["checkpoint"])] + ["--image_size", str(EXPORT_SIZE)])
     line = last_val_line(capsys.readouterr().out)
     assert line.startswith(f" * acc@1 {demo['report']['top1_pytorch']:.3f} ")
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import run_script, train_args
 from models import reactnet
-from models.reactnet import BinaryConv2d
+from models.layers import BinaryConv2d
 from utils.distill import distillation_loss
 
 LR = 1.25e-3  # the Adam default of the train scripts

@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 
 from models import reactnet
-from models.reactnet import GlobalMeanPool
+from models.layers import GlobalMeanPool
 from utils.distill import distillation_loss
 from utils.optim import build_optimizer
 from utils.runtime import configure_device
 from utils.trainer import Trainer
-from utils.training_flags import build_parser, fill_defaults
+from utils.training_flags import build_parser
 
 from conftest import REPO, run_script, train_args
 
@@ -236,7 +236,7 @@ def runs(tiny_data, teacher_weights, tmp_path_factory):
     copy.mkdir()
     shutil.copy(os.path.join(interrupted, "checkpoint.pth.tar"), copy)
     flags = [str(a) for a in train_args(tiny_data, teacher_weights, str(copy), epochs=EPOCHS)]
-    restored = trainer_state(Trainer(fill_defaults(build_parser(1).parse_args(flags)), 1))
+    restored = trainer_state(Trainer(build_parser(1).parse_args(flags), 1))
 
     resumed = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, interrupted,
                                                          epochs=EPOCHS))

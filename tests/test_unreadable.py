@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import run_script, single_error_line, write_image_folder
-from models import reactnet
+from models import RunSpec, reactnet
 from utils import distributed
 from utils.cli import UNREADABLE_FLOOR
 from utils.data import SeededSampler, make_loader, open_split
@@ -119,7 +119,7 @@ def two_ranks(rank, port, data, results):
                 stopped = (step, limit.unreadable, limit.read)
                 break
         # 9 images over 2 ranks at 4 a batch: rank 0 has 2 batches, rank 1 one.
-        dataset = open_split(data, "val", 32)
+        dataset = open_split(data, "val", RunSpec(image_size=32))
         loader = make_loader(dataset, SeededSampler(len(dataset), shuffle=False, rank=rank, world_size=2),
                              4, 0, False)
         torch.manual_seed(0)

@@ -118,7 +118,7 @@ def write_dataset(out, classes, per_split, size, seed):
                 Image.fromarray(draw_image(texture, size, rng)).save(os.path.join(folder, f"{i:05d}.png"))
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="dataset root to write train/ and val/ into")
     parser.add_argument("--classes", type=int, default=len(TEXTURES),
@@ -128,12 +128,12 @@ def parse_args(argv=None):
     parser.add_argument("--val_per_class", type=int, default=50, help="validation images per class")
     parser.add_argument("--size", type=int, default=40, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same images")
-    return parser.parse_args(argv)
+    return parser
 
 
 @report_user_errors
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if not 2 <= args.classes <= len(TEXTURES):
         raise UserError(f"--classes must be between 2 and {len(TEXTURES)}, got {args.classes}")
     if args.train_per_class < 1 or args.val_per_class < 1:
