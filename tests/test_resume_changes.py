@@ -12,7 +12,7 @@ from models import reactnet
 from utils import optim, run_folder
 from utils.errors import UserError
 from utils.trainer import Trainer
-from utils.training_flags import build_parser, fill_defaults
+from utils.training_flags import build_parser
 
 LR = 1.25e-3  # the recipe's, which train_args leaves in place
 
@@ -92,7 +92,7 @@ def linked_copy(folder, target):
 def resumed(data, teacher, save, *extra, step=1, epochs=2):
     """The Trainer a run with these flags builds in ``save``, in this process (nothing trains)."""
     flags = [str(a) for a in train_args(data, teacher, save, *extra, epochs=epochs)]
-    return Trainer(fill_defaults(build_parser(step).parse_args(flags)), step)
+    return Trainer(build_parser(step).parse_args(flags), step)
 
 
 def refusal(data, teacher, save, *extra, step=1, epochs=2):
@@ -122,6 +122,16 @@ def test_speed_flags_may_change_and_are_recorded_to_the_final_checkpoint(stopped
         flag: new for flag, (_, new) in SPEED_CHANGES.items()}
     # The fused kernel is the one that ran, not the one the checkpoint was saved with.
     assert all(group["fused"] for group in state["optimizer"]["param_groups"])
+
+
+def test_every_later_checkpoint_keeps_the_changes_of_earlier_resumes(stopped, tiny_data, teacher_weights,
+                                                                     tmp_path):
+    save = linked_copy(stopped, tmp_path / "run")
+    resumed(tiny_data, teacher_weights, save, "--amp", "bf16").save()
+    trainer = resumed(tiny_data, teacher_weights, save, "--amp", "bf16", "--channels_last")
+    assert trainer.state_dict()["flag_changes"] == [
+        {"epoch": 0, "iteration": 2, "changes": {"amp": ["none", "bf16"]}},
+        {"epoch": 0, "iteration": 2, "changes": {"channels_last": [False, True]}}]
 
 
 @pytest.mark.parametrize("flags, change", [(["--compile", "eager"], {"compile": [None, "eager"]}),
@@ -222,7 +232,7 @@ def test_scheduler_and_resume_with_changes_share_one_schedule_function(tiny_data
     # must both follow it.
     monkeypatch.setattr(optim, "learning_rate_factor", lambda steps, epochs: 0.5 ** steps / epochs)
     flags = [str(a) for a in train_args(tiny_data, teacher_weights, str(tmp_path / "run"), epochs=4)]
-    trainer = Trainer(fill_defaults(build_parser(1).parse_args(flags)), 1)
+    trainer = Trainer(build_parser(1).parse_args(flags), 1)
     trainer.scheduler.step()
     trainer.scheduler.step()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(LR * 0.25 / 4)

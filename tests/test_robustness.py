@@ -196,6 +196,27 @@ def test_one_run_per_run_folder_and_a_killed_run_never_blocks_it(tiny_data, teac
             os.killpg(holder.pid, signal.SIGKILL)
 
 
+def test_a_second_run_in_the_folder_of_a_running_one_is_refused(tiny_data, teacher_weights, tmp_path):
+    save = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", INTERRUPT_SIGNAL="SIGTERM", INTERRUPT_AFTER_STEP="1",
+               INTERRUPT_TARGET="outside")  # the first run waits after its first step
+    command = [sys.executable, INTERRUPTED_RUN, *step1_command(tiny_data, teacher_weights, save)[1:]]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          start_new_session=True) as first:
+        try:
+            output = []
+            for line in first.stdout:
+                output.append(line)
+                if line.startswith("interrupted_run: waiting"):
+                    break
+            assert first.poll() is None, "".join(output)[-3000:]
+            second = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, save))
+            line = one_error_line(second)
+            assert f"the run folder {save} is in use by another run (process {first.pid} on " in line
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def one_epoch_run(tiny_data, teacher_weights, tmp_path):
     result = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, tmp_path))
