@@ -129,6 +129,7 @@ def test_a_last_training_batch_of_one_is_dropped_on_every_rank(world_size):
     assert len(SeededSampler(batch + 1, 0, False, 0, 1)) == batch + 1
 
 
+@pytest.mark.slow
 def test_a_run_whose_last_batch_holds_one_image_trains(teacher_weights, tmp_path):
     # 17 images in batches of 16 at 32 px: BatchNorm saw a 1x1 map of a single image and failed.
     data = write_image_folder(tmp_path / "data", {"train": 6, "val": 2})

@@ -51,6 +51,7 @@ def pipeline(tiny_data, teacher_weights, tmp_path_factory):
             "step2_best": step2_best, "tiny_data": tiny_data, "teacher_weights": teacher_weights}
 
 
+@pytest.mark.slow
 def test_step1_run_sh_from_another_cwd_writes_its_log(pipeline):
     result = succeeded(pipeline["step1"])
     log = read(os.path.join(pipeline["step1_dir"], "run.log"))
@@ -59,6 +60,7 @@ def test_step1_run_sh_from_another_cwd_writes_its_log(pipeline):
     assert os.path.isfile(pipeline["step1_best"])
 
 
+@pytest.mark.slow
 def test_step1_run_sh_passes_environment_as_flags(pipeline):
     args = torch.load(os.path.join(pipeline["step1_dir"], "checkpoint.pth.tar"), weights_only=True)["args"]
     expected = {"data": pipeline["tiny_data"], "epochs": 1, "batch_size": 8, "image_size": 32,
@@ -67,6 +69,7 @@ def test_step1_run_sh_passes_environment_as_flags(pipeline):
     assert {k: args[k] for k in expected} == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variables, extra, rate", [
     ({"OPTIMIZER": "sgd"}, [], 0.1),
     ({}, ["--optimizer", "sgd"], 0.1),  # an extra argument overrides the variable's optimizer
@@ -85,6 +88,7 @@ def test_run_sh_rate_follows_the_optimizer_unless_set(teacher_weights, tmp_path,
     assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [rate, rate]
 
 
+@pytest.mark.slow
 def test_step2_starts_from_step1_best(pipeline):
     succeeded(pipeline["step2"])
     assert f"initialised from step-1 weights {pipeline['step1_best']}" in pipeline["step2"].stdout
@@ -98,12 +102,14 @@ def test_step2_starts_from_step1_best(pipeline):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_step2_validation(pipeline):
     result = succeeded(pipeline["evaluate2"])
     assert "as step 2" in result.stdout
     assert last_val_line(result.stdout) == logged_val_line(pipeline["step2_dir"])
 
 
+@pytest.mark.slow
 def test_evaluate_reads_step1_from_metadata_from_another_cwd(pipeline):
     result = succeeded(pipeline["evaluate1"])
     assert "as step 1" in result.stdout
@@ -151,6 +157,7 @@ def test_train_and_val_classes_differ(teacher_weights, bad_data, tmp_path):
     assert "class_9" in line and "class_2" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, words", [
     (["--batch_size", 0], ["--batch_size"]),
     (["--epochs", -1], ["--epochs"]),
@@ -162,6 +169,7 @@ def test_bad_numbers(tiny_data, teacher_weights, tmp_path, flags, words):
     assert all(word in line for word in words), line
 
 
+@pytest.mark.slow
 def test_unwritable_save(tiny_data, teacher_weights, tmp_path):
     regular_file = tmp_path / "a_file"
     regular_file.write_text("not a folder")
@@ -169,6 +177,7 @@ def test_unwritable_save(tiny_data, teacher_weights, tmp_path):
     assert save in step1_error(tiny_data, teacher_weights, save)
 
 
+@pytest.mark.slow
 def test_teacher_with_wrong_class_count(tiny_data, tmp_path):
     teacher = str(tmp_path / "teacher5.pth")
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), teacher)
@@ -176,6 +185,7 @@ def test_teacher_with_wrong_class_count(tiny_data, tmp_path):
     assert teacher in line and "5" in line and str(NUM_CLASSES) in line
 
 
+@pytest.mark.slow
 def test_missing_step1_checkpoint(tiny_data, teacher_weights, tmp_path):
     missing = str(tmp_path / "nowhere" / BEST)
     result = run_script("step2/train.py", *train_args(tiny_data, teacher_weights, str(tmp_path / "run"),
@@ -184,6 +194,7 @@ def test_missing_step1_checkpoint(tiny_data, teacher_weights, tmp_path):
     assert missing in line and "step1/run.sh" in line
 
 
+@pytest.mark.slow
 def test_step2_refuses_to_resume_a_step1_folder(pipeline, tiny_data, teacher_weights):
     last = os.path.join(pipeline["step1_dir"], "checkpoint.pth.tar")
     written = os.stat(last).st_mtime_ns
@@ -194,6 +205,7 @@ def test_step2_refuses_to_resume_a_step1_folder(pipeline, tiny_data, teacher_wei
     assert os.stat(last).st_mtime_ns == written
 
 
+@pytest.mark.slow
 def test_evaluate_unreadable_checkpoint(pipeline, tiny_data, tmp_path):
     truncated = str(tmp_path / "truncated.pth.tar")
     with open(pipeline["step1_best"], "rb") as source, open(truncated, "wb") as target:
@@ -202,6 +214,7 @@ def test_evaluate_unreadable_checkpoint(pipeline, tiny_data, tmp_path):
     assert truncated in line
 
 
+@pytest.mark.slow
 def test_evaluate_other_architecture(tiny_data, teacher_weights):
     line = single_error_line(run_script("evaluate.py", *evaluate_args(tiny_data, teacher_weights)))
     assert "missing" in line and "feature.0.conv1.weight" in line, line

@@ -27,6 +27,7 @@ def tiny_jpegs(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("jpegs"), {"train": 8, "val": 4}, image_format="JPEG")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, backend", [
     ("cpu", "gpu"),
     pytest.param("cuda", "pil", marks=NEEDS_CUDA),

@@ -204,6 +204,7 @@ def test_reactnet18_cost_at_224_by_hand():
 
 
 
+@pytest.mark.slow
 def test_reactnet18_through_both_run_sh_resume_and_evaluate(tiny_data, teacher_weights, tmp_path):
     step1_dir, step2_dir = str(tmp_path / "step1"), str(tmp_path / "step2")
     env = {"DATA": tiny_data, "BATCH_SIZE": "8", "IMAGE_SIZE": "32", "TEACHER": "resnet18",

@@ -25,6 +25,7 @@ def one_epoch(tiny_data, teacher_weights, tmp_path_factory):
     return save
 
 
+@pytest.mark.slow
 def test_changed_flags_are_refused_and_the_checkpoint_is_kept(one_epoch, tiny_data, teacher_weights):
     before = (one_epoch / "checkpoint.pth.tar").read_bytes()
     args = train_args(tiny_data, teacher_weights, one_epoch, "--learning_rate", 0.002,
@@ -37,6 +38,7 @@ def test_changed_flags_are_refused_and_the_checkpoint_is_kept(one_epoch, tiny_da
     assert (one_epoch / "checkpoint.pth.tar").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_with_changes_applies_the_new_schedule(one_epoch, tiny_data, teacher_weights, tmp_path):
     save = tmp_path / "run"
     shutil.copytree(one_epoch, save)
@@ -56,6 +58,7 @@ def test_resume_with_changes_applies_the_new_schedule(one_epoch, tiny_data, teac
     assert "continuing with changed flags" in (save / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_another_optimizer_cannot_continue_even_on_request(one_epoch, tiny_data, teacher_weights):
     args = train_args(tiny_data, teacher_weights, one_epoch, "--optimizer", "sgd", "--resume_with_changes")
     line = single_error_line(run_script("step1/train.py", *args))
@@ -107,6 +110,7 @@ SPEED_CHANGES = {"amp": ["none", "bf16"], "fused_optimizer": [False, True],
                  "channels_last": [False, True], "deterministic": [False, True]}
 
 
+@pytest.mark.slow
 def test_speed_flags_may_change_and_are_recorded_to_the_final_checkpoint(stopped, tiny_data,
                                                                           teacher_weights, tmp_path):
     save = linked_copy(stopped, tmp_path / "run")
@@ -124,6 +128,7 @@ def test_speed_flags_may_change_and_are_recorded_to_the_final_checkpoint(stopped
     assert all(group["fused"] for group in state["optimizer"]["param_groups"])
 
 
+@pytest.mark.slow
 def test_every_later_checkpoint_keeps_the_changes_of_earlier_resumes(stopped, tiny_data, teacher_weights,
                                                                      tmp_path):
     save = linked_copy(stopped, tmp_path / "run")
@@ -134,6 +139,7 @@ def test_every_later_checkpoint_keeps_the_changes_of_earlier_resumes(stopped, ti
         {"epoch": 0, "iteration": 2, "changes": {"channels_last": [False, True]}}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, change", [(["--compile", "eager"], {"compile": [None, "eager"]}),
                                            (["--amp", "fp16"], {"amp": ["none", "fp16"]})])
 def test_compile_and_fp16_may_change_and_are_recorded(stopped, tiny_data, teacher_weights, tmp_path,
@@ -143,6 +149,7 @@ def test_compile_and_fp16_may_change_and_are_recorded(stopped, tiny_data, teache
     assert trainer.state_dict()["flag_changes"] == [{"epoch": 0, "iteration": 2, "changes": change}]
 
 
+@pytest.mark.slow
 def test_another_data_backend_is_refused_unless_asked_for(stopped, tiny_data, teacher_weights, tmp_path):
     save = linked_copy(stopped, tmp_path / "run")
     line = refusal(tiny_data, teacher_weights, save, "--data_backend", "gpu")
@@ -151,6 +158,7 @@ def test_another_data_backend_is_refused_unless_asked_for(stopped, tiny_data, te
     assert trainer.flag_changes == [{"epoch": 0, "iteration": 2, "changes": {"data_backend": ["pil", "gpu"]}}]
 
 
+@pytest.mark.slow
 def test_the_same_data_folder_and_teacher_named_otherwise_are_no_change(stopped, tiny_data, teacher_weights,
                                                                         tmp_path, monkeypatch):
     teacher_copy = tmp_path / "teacher_copy.pth"
@@ -168,6 +176,7 @@ def other_weights(teacher_weights, path):
     return path
 
 
+@pytest.mark.slow
 def test_moved_data_and_teacher_weights_replaced_in_place_are_changes(stopped, tiny_data, teacher_weights,
                                                                       tmp_path):
     moved = tmp_path / "moved"
@@ -190,6 +199,7 @@ def test_moved_data_and_teacher_weights_replaced_in_place_are_changes(stopped, t
     assert set(trainer.flag_changes[0]["changes"]) == {"data", "teacher_weights"}
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_recorded_inputs_compares_its_paths_as_they_are_now(
         stopped, tiny_data, teacher_weights, tmp_path):
     state = torch.load(stopped / run_folder.LAST, weights_only=True)

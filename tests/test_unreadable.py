@@ -80,6 +80,7 @@ def evaluate_val(val, batch_size, *flags):
                       "--batch_size", batch_size, "-j", 0, "--device", "cpu", *flags)
 
 
+@pytest.mark.slow
 def test_evaluate_gives_the_same_outcome_at_every_batch_size(val_33):
     outcomes = []
     for batch_size in (16, 11):
@@ -129,6 +130,7 @@ def two_ranks(rank, port, data, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_judge_the_summed_counts_and_evaluate_uneven_shares(tmp_path):
     data = write_image_folder(tmp_path / "data", {"val": 3})
     results = mp.get_context("spawn").SimpleQueue()
