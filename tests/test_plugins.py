@@ -14,6 +14,7 @@ from conftest import (REPO, evaluate_args, last_val_line, run_script, run_tool, 
 
 from models import RunSpec, build_model
 from models.checkpoint import model_from_checkpoint
+from models.spec import resolve
 from utils.trainer import Trainer
 from utils.training_flags import build_parser
 
@@ -116,13 +117,19 @@ def test_step2_checks_the_image_size_against_its_own_architecture(tiny_data, tea
                                                                   monkeypatch):
     """ToyNet downsamples by 4: 16 px is enough for it, though not for the default ReActNet-A."""
     monkeypatch.setenv("BNN_PLUGINS", TOY_MODEL)
-    spec = RunSpec(arch="toy_net", image_size=16, num_classes=3, step=1)
+    spec, _ = resolve({"arch": "toy_net", "image_size": 16, "num_classes": 3, "step": 1})  # its own defaults
     step1 = tmp_path / "step1.pth.tar"
     torch.save({"state_dict": build_model(spec).state_dict(), **spec.as_dict()}, step1)
-    flags = train_args(tiny_data, teacher_weights, tmp_path / "run", "--image_size", 16, "--step1_checkpoint", step1)
+    flags = train_args(tiny_data, teacher_weights, tmp_path / "run", "--image_size", 16, "--step1_checkpoint", step1,
+                       "--interpolation", "bilinear")
     args = build_parser(2).parse_args(list(map(str, flags)))
     trainer = Trainer(args, 2)
     assert (trainer.spec.arch, trainer.spec.image_size, trainer.spec.step) == ("toy_net", 16, 2)
+    # What step 1 recorded is kept unless a flag says otherwise, and then the flag says so.
+    assert (trainer.spec.act_binarizer, trainer.spec.crop_pct, trainer.spec.interpolation) == \
+        ("toy_heaviside", 0.9, "bilinear")
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "=> --interpolation bilinear overrides the checkpoint's bicubic\n" in log and "--image_size" not in log
 
 
 @pytest.mark.slow
