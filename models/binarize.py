@@ -12,7 +12,7 @@ activation binarizer runs 26 times per forward pass of ReActNet-A.
 """
 import torch
 
-from .registry import register_act_binarizer, register_weight_binarizer
+from models.registry import register_act_binarizer, register_weight_binarizer
 
 
 class SavedSign(torch.autograd.Function):

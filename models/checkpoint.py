@@ -3,7 +3,8 @@ import re
 
 import torch
 
-from .registry import ModelSpec, RegistryError, build_model, get_architecture
+from models.registry import RegistryError, get_architecture
+from models.spec import RunSpec, build_model, recorded_fields, resolve
 
 # Prefixes that wrappers add to every key: nn.DataParallel / DDP, and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -150,32 +151,33 @@ def load_checkpoint(model, path):
 
 def title_of(model):
     """How reports name ``model``: its architecture's title (ReActNet-A when built without a spec)."""
-    return get_architecture(getattr(model, "spec", ModelSpec()).arch).title
+    return get_architecture(getattr(model, "spec", RunSpec()).arch).title
 
 
-def model_from_checkpoint(path, step=None):
+def model_from_checkpoint(path, given=None):
     """Builds the model that a checkpoint file holds and loads its weights.
 
-    The architecture and binarizers are those the checkpoint names (``arch``, ``act_binarizer``,
-    ``weight_binarizer``); files without the names (the released ones) hold ReActNet-A with the
-    default binarizers.
+    The RunSpec is what the checkpoint recorded (models/spec.py), the flags ``given`` winning;
+    the number of classes is that of its fc layer. Files without a spec (the released ones) hold
+    a step-2 ReActNet-A with the published values.
 
     Args:
         path: any file ``load_checkpoint`` accepts.
-        step: 1 (real weights) or 2 (binary weights); by default the checkpoint's ``step``
-            metadata, or 2 for files without it (the released ones).
+        given: ``{RunSpec field: value}`` of the flags given explicitly (None: not given).
 
     Returns:
-        ``(model, step)``, the model on the CPU in training mode; ``model.spec`` says what it is.
+        ``(model, overrides)``: the model on the CPU in training mode, ``model.spec`` its RunSpec;
+        ``overrides`` as ``models.spec.resolve`` returns them.
     """
     checkpoint = read_checkpoint(path)
-    step = step or checkpoint.get("step", 2)
+    recorded = dict(recorded_fields(checkpoint), num_classes=classes_in(checkpoint, path))
     try:
-        model = build_model(ModelSpec.from_checkpoint(checkpoint), classes_in(checkpoint, path), step == 2)
+        spec, overrides = resolve(given or {}, recorded)
+        model = build_model(spec)
     except RegistryError as e:
         raise CheckpointError(f"{path}: {e}") from None
     load_weights(model, checkpoint, path)
-    return model, step
+    return model, overrides
 
 
 def _preview(d, limit=6):

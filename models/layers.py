@@ -1,12 +1,13 @@
 """Building blocks shared by the binary architectures: RSign's parts, the binary convolution and
-the deterministic global pool. Each reads its binarizer from an attribute that
-``models.registry.set_binarizers`` sets, so a binarizer is chosen by name without touching a model.
+the deterministic global pool. Each reads its binarizer from an attribute that ``set_binarizers``
+sets, so a binarizer is chosen by name without touching a model.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .binarize import binarize_activation, binarize_weight
+from models.binarize import binarize_activation, binarize_weight
+from models.registry import get_act_binarizer, get_weight_binarizer
 
 
 class LearnableBias(nn.Module):
@@ -76,6 +77,17 @@ def use_deterministic_pooling(model):
         for name, child in parent.named_children():
             if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1)):
                 setattr(parent, name, GlobalMeanPool())
+    return model
+
+
+def set_binarizers(model, act_binarizer, weight_binarizer):
+    """Makes every BinaryActivation and BinaryConv2d of ``model`` use the named binarizers, in place."""
+    act, weight = get_act_binarizer(act_binarizer), get_weight_binarizer(weight_binarizer)
+    for module in model.modules():
+        if isinstance(module, BinaryActivation):
+            module.binarizer = act
+        elif isinstance(module, BinaryConv2d):
+            module.weight_binarizer = weight
     return model
 
 

@@ -1,4 +1,5 @@
-"""Counting the cost of a ReActNet-A the way the BNN papers report it.
+"""Counting the cost of a binary network (any built from models/layers.py) the way the BNN papers
+report it.
 
 BOPs are the multiply-accumulates (MACs) of the convolutions whose inputs and weights are both
 binary: they run as XNOR and popcount, and the papers count 64 of them as one floating-point
@@ -10,7 +11,7 @@ BatchNorm, shortcuts, pooling, learnable biases and PReLU are not counted, as in
 import torch
 import torch.nn as nn
 
-from .reactnet import BinaryConv2d
+from models.layers import BinaryConv2d
 
 # The papers' exchange rate: a 64-bit XNOR and popcount does 64 binary MACs at once.
 BOPS_PER_OP = 64
@@ -18,11 +19,12 @@ BOPS_PER_OP = 64
 BYTES_PER_MB = 1e6
 
 
-def count_ops(model, image_size=224):
+def count_ops(model, image_size):
     """Counts BOPs, FLOPs and parameters by running one 1x3xSxS forward pass with hooks.
 
     Args:
-        model: a ReActNet-A (step 1 or step 2); its training mode is restored afterwards.
+        model: a network whose binary convolutions are BinaryConv2d (step 1 or step 2); its
+            training mode is restored afterwards.
         image_size: the side S of the square input image.
 
     Returns:

@@ -9,7 +9,7 @@ its clip is an explicit clamp. Values and gradients agree with models/binarize.p
 import torch
 import torch.nn as nn
 
-from .registry import register_act_binarizer, register_weight_binarizer
+from models.registry import register_act_binarizer, register_weight_binarizer
 
 
 @register_act_binarizer("published")

@@ -6,8 +6,8 @@ checkpoints load strictly and a seeded construction draws the same initial weigh
 import torch
 import torch.nn as nn
 
-from .layers import BinaryActivation, BinaryConv2d, GlobalMeanPool, LearnableBias, binary_convs  # noqa: F401
-from .registry import register_architecture
+from models.layers import BinaryActivation, BinaryConv2d, LearnableBias
+from models.registry import register_architecture
 
 STAGE_WIDTHS = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024]
 # The stem and four widening blocks halve the resolution: a smaller input leaves no pixel for the last blocks.

@@ -17,8 +17,8 @@ Module names follow the authors' ResNet-based ReActNet code (``layer1.0.binary_c
 import torch
 import torch.nn as nn
 
-from .layers import BinaryActivation, BinaryConv2d, LearnableBias
-from .registry import register_architecture
+from models.layers import BinaryActivation, BinaryConv2d, LearnableBias
+from models.registry import register_architecture
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = 4

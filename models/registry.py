@@ -3,20 +3,30 @@
 An architecture is a function ``build(num_classes, binary_weights)`` returning a module whose
 classifier is a ``Linear`` named ``fc``, built from the blocks of models/layers.py (its binary
 convolutions are ``BinaryConv2d``, its activation binarizers ``BinaryActivation``), registered with
-``@register_architecture(name, title, downsampling)``. A binarizer is a differentiable function of
-one tensor, registered with ``@register_act_binarizer(name)`` or ``@register_weight_binarizer(name)``.
+``@register_architecture(name, title, downsampling, defaults={...})`` (``defaults``: the RunSpec
+values it trains and evaluates with unless a flag or a checkpoint names others, models/spec.py). A
+binarizer is a differentiable function of one tensor, registered with
+``@register_act_binarizer(name)`` or ``@register_weight_binarizer(name)``.
 
-``BNN_PLUGINS`` names more modules to import before any lookup: Python files or importable module
-names, separated by ``os.pathsep`` (``:`` on Linux). A file is imported with its own folder on
-``sys.path``. Every entry point looks names up here, so a plugin's architecture or binarizer works
-with every command once the variable is set.
+Where they are found:
+
+- A module in the models/ folder is a built-in: importing the package imports every module in it
+  (models/__init__.py), so a new file there is found with no other file edited.
+- ``BNN_PLUGINS`` names more modules to import before any lookup: Python files or importable module
+  names, separated by ``os.pathsep`` (``:`` on Linux). A file is imported with its own folder on
+  ``sys.path``; a file that is already imported (one in models/) is not imported again. Every entry
+  point looks names up here, so a plugin's architecture or binarizer works with every command once
+  the variable is set.
+
+Either way a file imports what it builds on by absolute names (``from models.layers import
+BinaryConv2d``), so that the same file works in models/ and as a plugin.
 """
 import importlib
 import importlib.util
 import os
 import sys
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 PLUGINS_VARIABLE = "BNN_PLUGINS"
 
@@ -36,35 +46,22 @@ class Architecture:
         downsampling: how many times the network shrinks the input side; smaller images are refused.
         reported_costs: the cost its paper reports at 224x224 (``bops``, ``flops``, ``ops`` and
             ``source``), which ``python -m tools.summary`` prints beside its own count; or None.
+        defaults: the RunSpec fields (models/spec.py) this architecture trains and evaluates with
+            when neither a flag nor a checkpoint names them, e.g. ``{"interpolation": "bicubic",
+            "crop_pct": 0.95}``; the fields it leaves out keep RunSpec's (the published) values.
     """
     name: str
     title: str
     build: object
     downsampling: int
     reported_costs: dict | None = None
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything besides the weights and the step that rebuilding a model needs; saved in every
-    checkpoint. Files that predate the names hold the defaults (ReActNet-A, the published binarizers)."""
-    arch: str = "reactnet_a"
-    act_binarizer: str = "polynomial"
-    weight_binarizer: str = "scaled_sign"
-
-    def as_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint):
-        """The spec a checkpoint dict records; the defaults for what it does not record."""
-        return cls(**{key: checkpoint[key] for key in asdict(cls()) if isinstance(checkpoint.get(key), str)})
+    defaults: dict = field(default_factory=dict)
 
 
 ARCHITECTURES = {}
 ACT_BINARIZERS = {}
 WEIGHT_BINARIZERS = {}
-_loaded_plugins = []
+_loaded_plugins = set()  # the BNN_PLUGINS entries imported
 
 
 def _register(table, kind, name, value):
@@ -73,11 +70,11 @@ def _register(table, kind, name, value):
     table[name] = value
 
 
-def register_architecture(name, title, downsampling=32, reported_costs=None):
+def register_architecture(name, title, downsampling=32, reported_costs=None, defaults=None):
     """Decorator registering ``build(num_classes, binary_weights)`` under ``name`` (see Architecture)."""
     def decorate(build):
         _register(ARCHITECTURES, "architecture", name,
-                  Architecture(name, title, build, downsampling, reported_costs))
+                  Architecture(name, title, build, downsampling, reported_costs, dict(defaults or {})))
         return build
     return decorate
 
@@ -103,21 +100,15 @@ def load_plugins():
     for entry in filter(None, os.environ.get(PLUGINS_VARIABLE, "").split(os.pathsep)):
         if entry in _loaded_plugins:
             continue
-        _loaded_plugins.append(entry)
         try:
             if entry.endswith(".py"):
-                path = os.path.abspath(entry)
-                sys.path.insert(0, os.path.dirname(path))
-                name = os.path.splitext(os.path.basename(path))[0]
-                spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                spec.loader.exec_module(module)
+                import_file(entry)
             else:
                 importlib.import_module(entry)
         except Exception as e:  # whatever a plugin raises while it is imported is the plugin's
             raise RegistryError(f"cannot import the plugin '{entry}' named in {PLUGINS_VARIABLE} "
                                 f"({where_it_failed(e)}): fix or remove it") from None
+        _loaded_plugins.add(entry)
 
 
 def where_it_failed(error):
@@ -129,6 +120,26 @@ def where_it_failed(error):
     if frames:
         message += f" at {frames[-1].filename} line {frames[-1].lineno}"
     return message
+
+
+def import_file(path):
+    """Imports the Python file ``path`` as a module named after it, unless a module already
+    imported is that file: a file in models/ is imported with the package, as models.<name>, and
+    importing it again would register its names twice."""
+    path = os.path.realpath(path)
+    if any(os.path.realpath(getattr(module, "__file__", None) or "") == path
+           for module in list(sys.modules.values())):
+        return
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(path))
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # a failed import is not an imported file
+        raise
 
 
 def _lookup(table, kind, flag, name):
@@ -149,29 +160,3 @@ def get_act_binarizer(name):
 
 def get_weight_binarizer(name):
     return _lookup(WEIGHT_BINARIZERS, "weight binarizer", "--weight_binarizer", name)
-
-
-def set_binarizers(model, act_binarizer, weight_binarizer):
-    """Makes every BinaryActivation and BinaryConv2d of ``model`` use the named binarizers, in place."""
-    from .layers import BinaryActivation, BinaryConv2d  # here: layers -> binarize -> this module
-    act, weight = get_act_binarizer(act_binarizer), get_weight_binarizer(weight_binarizer)
-    for module in model.modules():
-        if isinstance(module, BinaryActivation):
-            module.binarizer = act
-        elif isinstance(module, BinaryConv2d):
-            module.weight_binarizer = weight
-    return model
-
-
-def build_model(spec, num_classes, binary_weights):
-    """The architecture ``spec.arch`` with ``spec``'s binarizers; ``model.spec`` records ``spec``.
-
-    Args:
-        spec: a ModelSpec.
-        num_classes: classifier outputs.
-        binary_weights: False for step 1 (real weights), True for step 2.
-    """
-    model = get_architecture(spec.arch).build(num_classes, binary_weights)
-    set_binarizers(model, spec.act_binarizer, spec.weight_binarizer)
-    model.spec = spec
-    return model

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # AdamBNN step 1: binary activations, real weights. Edit a value here, or override it from the
 # environment (e.g. `DATA=/data/imagenet EPOCHS=128 bash run.sh`); extra arguments go to train.py.
-# A variable set but empty is refused, except those whose comment gives empty a meaning.
+# Empty, a training variable takes the recipe's value (`python step1/train.py --help` lists them);
+# the others set but empty are refused.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 DATA="${DATA-/path/to/imagenet}"    # ImageFolder root with train/ and val/
-ARCH="${ARCH-reactnet_a}"           # registered architecture: reactnet_a, reactnet_18, or a plugin's
-BATCH_SIZE="${BATCH_SIZE-256}"      # global batch, split over all processes
-OPTIMIZER="${OPTIMIZER-adam}"       # adam (the paper's) or sgd
-LEARNING_RATE="${LEARNING_RATE:-}"   # empty: the optimizer's rate in utils/recipe.py
-EPOCHS="${EPOCHS-256}"
-WEIGHT_DECAY="${WEIGHT_DECAY-5e-6}"
-TEACHER="${TEACHER-resnet34}"
+RECIPE="${RECIPE:-}"                 # training recipe (utils/recipe.py); empty: the checkpoint's, else the architecture's
+ARCH="${ARCH:-}"                     # a registered architecture; empty: on resume the run's, else the default
+BATCH_SIZE="${BATCH_SIZE:-}"         # global batch, split over all processes
+OPTIMIZER="${OPTIMIZER:-}"           # adam (the paper's) or sgd
+LEARNING_RATE="${LEARNING_RATE:-}"   # empty: the recipe's rate for the optimizer
+EPOCHS="${EPOCHS:-}"
+WEIGHT_DECAY="${WEIGHT_DECAY:-}"
+TEACHER="${TEACHER:-}"               # torchvision model name
 TEACHER_WEIGHTS="${TEACHER_WEIGHTS:-}"   # empty: torchvision's ImageNet weights
-IMAGE_SIZE="${IMAGE_SIZE-224}"
+IMAGE_SIZE="${IMAGE_SIZE:-}"         # empty: on resume the run's, else the architecture's
 SEED="${SEED-0}"
 WORKERS="${WORKERS:-}"               # empty: chosen from the CPU count
 SAVE="${SAVE-$HERE/models}"          # step 2 looks for $HERE/models/model_best.pth.tar

@@ -105,9 +105,9 @@ def run_sh(step, env_vars, *extra, cwd):
 
 
 def evaluate_args(data, checkpoint):
-    """Flags of evaluate.py for a checkpoint trained by ``train_args``."""
-    return ["--data", data, "--checkpoint", checkpoint, "--image_size", 32, "--batch_size", 8,
-            "-j", 0, "--device", "cpu"]
+    """Flags of evaluate.py for a checkpoint trained by ``train_args``: none but the data and the
+    file, since the checkpoint says what the run computed."""
+    return ["--data", data, "--checkpoint", checkpoint]
 
 
 def last_val_line(text):

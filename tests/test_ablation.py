@@ -123,6 +123,7 @@ def test_a_non_positive_learning_rate_is_one_line_error(tmp_path, capsys):
                            capsys)
     assert line.startswith("error: --sgd_learning_rate must be positive")
 
+@pytest.mark.slow
 def test_end_to_end_two_step_run_of_reactnet18_then_skip(tmp_path, capsys, monkeypatch):
     # The tool runs in this process (saving an interpreter start); the train scripts are subprocesses.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -17,9 +17,9 @@ from PIL import Image
 import evaluate
 from conftest import (NUM_CLASSES, main_error_line, run_script, run_sh, single_error_line,
                       succeeded, train_args, write_image_folder)
-from models import reactnet
+from models import RunSpec, reactnet
 from models.checkpoint import CheckpointError, read_checkpoint
-from models.reactnet import binary_convs
+from models.layers import binary_convs
 from tools import ablation, summary
 from utils import monitor, pipeline, trainer
 from utils.data import SeededImageFolder, SeededSampler
@@ -70,7 +70,7 @@ def test_files_that_are_not_regular_are_unreadable_and_never_read(tmp_path, back
     root = one_class_folder(tmp_path, {"photo.JPEG": jpeg_bytes(),
                                        "endless.JPEG": lambda path: os.symlink("/dev/zero", path),
                                        "fifo.JPEG": os.mkfifo})
-    items = read_all(SeededImageFolder(root, 32, backend, train=True))
+    items = read_all(SeededImageFolder(root, RunSpec(image_size=32), backend, train=True))
     assert not isinstance(items["photo.JPEG"], UnreadableImage)
     for name in ("endless.JPEG", "fifo.JPEG"):
         assert isinstance(items[name], UnreadableImage)
@@ -81,7 +81,7 @@ def test_files_that_are_not_regular_are_unreadable_and_never_read(tmp_path, back
 def test_a_file_over_the_size_bound_is_unreadable(tmp_path, backend, monkeypatch):
     image = jpeg_bytes()
     root = one_class_folder(tmp_path, {"photo.JPEG": image})
-    dataset = SeededImageFolder(root, 32, backend)
+    dataset = SeededImageFolder(root, RunSpec(image_size=32), backend)
     monkeypatch.setattr(pipeline, "MAX_FILE_BYTES", len(image))
     assert not isinstance(dataset[0, 0], UnreadableImage)
     monkeypatch.setattr(pipeline, "MAX_FILE_BYTES", len(image) - 1)
@@ -91,7 +91,7 @@ def test_a_file_over_the_size_bound_is_unreadable(tmp_path, backend, monkeypatch
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_both_backends_refuse_images_over_pils_pixel_limit(tmp_path, backend, monkeypatch):
     root = one_class_folder(tmp_path, {"photo.JPEG": jpeg_bytes(40, 36)})
-    dataset = SeededImageFolder(root, 32, backend)
+    dataset = SeededImageFolder(root, RunSpec(image_size=32), backend)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 36)
     assert not isinstance(dataset[0, 0], UnreadableImage)
     # Below twice the limit PIL alone would only warn and decode.
@@ -108,7 +108,7 @@ def test_linked_folders_are_read_once_and_loops_are_not_followed(tmp_path):
     os.symlink(".", val / "class_0" / "loop")                     # a loop
     os.symlink("../class_0", val / "class_1" / "class_0_again")   # a second way to the same folder
     os.symlink(os.path.join(elsewhere, "val", "class_0"), val / "class_1" / "linked")  # a new folder
-    samples = SeededImageFolder(str(val), 32).samples
+    samples = SeededImageFolder(str(val), RunSpec(image_size=32)).samples
     names = [(os.path.relpath(path, val), target) for path, target in samples]
     assert names == [("class_0/0.png", 0), ("class_0/1.png", 0), ("class_1/0.png", 1),
                      ("class_1/1.png", 1), ("class_1/linked/0.png", 1)]
@@ -129,6 +129,7 @@ def test_a_last_training_batch_of_one_is_dropped_on_every_rank(world_size):
     assert len(SeededSampler(batch + 1, 0, False, 0, 1)) == batch + 1
 
 
+@pytest.mark.slow
 def test_a_run_whose_last_batch_holds_one_image_trains(teacher_weights, tmp_path):
     # 17 images in batches of 16 at 32 px: BatchNorm saw a 1x1 map of a single image and failed.
     data = write_image_folder(tmp_path / "data", {"train": 6, "val": 2})
@@ -284,7 +285,7 @@ def test_ablation_names_a_cut_metrics_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("variable, value, message", [
-    ("EPOCHS", "", "EPOCHS is set but empty"),
+    ("SEED", "", "SEED is set but empty"),
     ("NGPUS", "abc", "NGPUS=abc is not a whole number"),
     ("LOG", None, "is a folder"),
 ])

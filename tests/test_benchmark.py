@@ -17,6 +17,7 @@ TINY = ["--image_size", "32", "--batch_size", "4", "--steps", "2", "--warmup", "
         "--num_classes", "10", "--teacher", "resnet18"]
 
 
+@pytest.mark.slow
 def test_report_has_every_configuration(tmp_path, capsys):
     # bf16 and compile are left out of this test only because they take minutes on a CPU (bf16
     # convolutions without bf16 hardware, compilation); "fastest" still runs the probe logic.

@@ -14,7 +14,7 @@ import torchvision
 
 from models import CheckpointError, load_checkpoint, reactnet
 from utils.trainer import Trainer
-from utils.training_flags import build_parser, fill_defaults
+from utils.training_flags import build_parser
 
 from conftest import train_args
 from test_model import read_tsv, ref_forward
@@ -157,7 +157,7 @@ def engine_run(tiny_data, teacher_weights, tmp_path_factory):
     """A checkpoint written by the training engine itself, from a student with moved weights."""
     save_dir = str(tmp_path_factory.mktemp("engine_run"))
     flags = [str(a) for a in train_args(tiny_data, teacher_weights, save_dir)]
-    trainer = Trainer(fill_defaults(build_parser(1).parse_args(flags)), step=1)
+    trainer = Trainer(build_parser(1).parse_args(flags), step=1)
     perturb(trainer.student, seed=2)
     trainer.save(is_best=False)
     return trainer.student, os.path.join(save_dir, "checkpoint.pth.tar")

@@ -50,6 +50,7 @@ def pipeline(tiny_data, teacher_weights, tmp_path_factory):
             "step2_best": step2_best, "tiny_data": tiny_data, "teacher_weights": teacher_weights}
 
 
+@pytest.mark.slow
 def test_step1_run_sh_from_another_cwd_writes_its_log(pipeline):
     result = succeeded(pipeline["step1"])
     log = read(os.path.join(pipeline["step1_dir"], "run.log"))
@@ -58,6 +59,7 @@ def test_step1_run_sh_from_another_cwd_writes_its_log(pipeline):
     assert os.path.isfile(pipeline["step1_best"])
 
 
+@pytest.mark.slow
 def test_step1_run_sh_passes_environment_as_flags(pipeline):
     args = torch.load(os.path.join(pipeline["step1_dir"], "checkpoint.pth.tar"), weights_only=True)["args"]
     expected = {"data": pipeline["tiny_data"], "epochs": 1, "batch_size": 8, "image_size": 32,
@@ -66,6 +68,7 @@ def test_step1_run_sh_passes_environment_as_flags(pipeline):
     assert {k: args[k] for k in expected} == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variables, extra, rate", [
     ({"OPTIMIZER": "sgd"}, [], 0.1),
     ({}, ["--optimizer", "sgd"], 0.1),  # an extra argument overrides the variable's optimizer
@@ -84,6 +87,7 @@ def test_run_sh_rate_follows_the_optimizer_unless_set(teacher_weights, tmp_path,
     assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [rate, rate]
 
 
+@pytest.mark.slow
 def test_step2_starts_from_step1_best(pipeline):
     succeeded(pipeline["step2"])
     assert f"initialised from step-1 weights {pipeline['step1_best']}" in pipeline["step2"].stdout
@@ -97,12 +101,14 @@ def test_step2_starts_from_step1_best(pipeline):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_step2_validation(pipeline):
     result = succeeded(pipeline["evaluate2"])
     assert "as step 2" in result.stdout
     assert last_val_line(result.stdout) == logged_val_line(pipeline["step2_dir"])
 
 
+@pytest.mark.slow
 def test_evaluate_reads_step1_from_metadata_from_another_cwd(pipeline):
     result = succeeded(pipeline["evaluate1"])
     assert "as step 1" in result.stdout
@@ -150,6 +156,7 @@ def test_train_and_val_classes_differ(teacher_weights, bad_data, tmp_path):
     assert "class_9" in line and "class_2" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, words", [
     (["--batch_size", 0], ["--batch_size"]),
     (["--epochs", -1], ["--epochs"]),
@@ -161,6 +168,7 @@ def test_bad_numbers(tiny_data, teacher_weights, tmp_path, flags, words):
     assert all(word in line for word in words), line
 
 
+@pytest.mark.slow
 def test_unwritable_save(tiny_data, teacher_weights, tmp_path):
     regular_file = tmp_path / "a_file"
     regular_file.write_text("not a folder")
@@ -168,6 +176,7 @@ def test_unwritable_save(tiny_data, teacher_weights, tmp_path):
     assert save in step1_error(tiny_data, teacher_weights, save)
 
 
+@pytest.mark.slow
 def test_teacher_with_wrong_class_count(tiny_data, tmp_path):
     teacher = str(tmp_path / "teacher5.pth")
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), teacher)
@@ -175,6 +184,7 @@ def test_teacher_with_wrong_class_count(tiny_data, tmp_path):
     assert teacher in line and "5" in line and str(NUM_CLASSES) in line
 
 
+@pytest.mark.slow
 def test_missing_step1_checkpoint(tiny_data, teacher_weights, tmp_path):
     missing = str(tmp_path / "nowhere" / BEST)
     result = run_script("step2/train.py", *train_args(tiny_data, teacher_weights, str(tmp_path / "run"),
@@ -183,6 +193,7 @@ def test_missing_step1_checkpoint(tiny_data, teacher_weights, tmp_path):
     assert missing in line and "step1/run.sh" in line
 
 
+@pytest.mark.slow
 def test_step2_refuses_to_resume_a_step1_folder(pipeline, tiny_data, teacher_weights):
     last = os.path.join(pipeline["step1_dir"], "checkpoint.pth.tar")
     written = os.stat(last).st_mtime_ns
@@ -193,6 +204,7 @@ def test_step2_refuses_to_resume_a_step1_folder(pipeline, tiny_data, teacher_wei
     assert os.stat(last).st_mtime_ns == written
 
 
+@pytest.mark.slow
 def test_evaluate_unreadable_checkpoint(pipeline, tiny_data, tmp_path):
     truncated = str(tmp_path / "truncated.pth.tar")
     with open(pipeline["step1_best"], "rb") as source, open(truncated, "wb") as target:
@@ -201,10 +213,19 @@ def test_evaluate_unreadable_checkpoint(pipeline, tiny_data, tmp_path):
     assert truncated in line
 
 
+@pytest.mark.slow
 def test_evaluate_other_architecture(tiny_data, teacher_weights):
     line = single_error_line(run_script("evaluate.py", *evaluate_args(tiny_data, teacher_weights)))
     assert "missing" in line and "feature.0.conv1.weight" in line, line
     assert "unexpected" in line and re.search(r"(?<![\w.])conv1\.weight", line), line
+
+
+def given(action, value):
+    """The words that give ``action`` the value ``value``: ``--flag=value``, or for a flag of several
+    values (``--mean R G B``) ``value`` last, where a leading ``-`` would read as another flag."""
+    if isinstance(action.nargs, int):
+        return [action.option_strings[-1], *["0"] * (action.nargs - 1), value.lstrip("-")]
+    return [f"{action.option_strings[-1]}={value}"]
 
 
 def test_every_float_flag_refuses_nan_infinity_and_beyond_float32(capsys):
@@ -216,18 +237,19 @@ def test_every_float_flag_refuses_nan_infinity_and_beyond_float32(capsys):
             if action.type is not float:
                 continue
             flag = "/".join(action.option_strings)
-            for value in ("nan", "inf", "-inf"):
+            for value in ("nan", "inf", "-inf", "-1e39"):
+                words = given(action, value)
                 with pytest.raises(SystemExit) as exit_info:
-                    parser.parse_args([f"{action.option_strings[-1]}={value}"])
+                    parser.parse_args(words)
                 assert exit_info.value.code == 2
-                assert capsys.readouterr().err == (f"error: argument {flag}: {value} is not a finite "
-                                                   f"number: pass a finite value (see --help)\n"), command.line
-            # Finite in float64 but not in float32, where Adam's update raises on it.
-            with pytest.raises(SystemExit):
-                parser.parse_args([f"{action.option_strings[-1]}=-1e39"])
-            assert capsys.readouterr().err.startswith(f"error: argument {flag}: -1e39 is beyond float32's range"), command.line
+                reported = words[-1].split("=")[-1]
+                # -1e39 is finite in float64 but not in float32, where Adam's update raises on it.
+                reason = ("is beyond float32's range" if value == "-1e39" else
+                          "is not a finite number: pass a finite value (see --help)\n")
+                assert capsys.readouterr().err.startswith(f"error: argument {flag}: {reported} {reason}"), command.line
             refused.add(f"{command.line} {flag}")
     assert {"python step1/train.py --learning_rate", "python step1/train.py --weight_decay",
             "python step2/train.py --weight_decay", "python evaluate.py --max_unreadable_share",
             "python -m tools.landscape --span", "python -m tools.train_teacher --weight_decay",
-            "python -m tools.ablation --adam_learning_rate"} <= refused
+            "python -m tools.ablation --adam_learning_rate", "python evaluate.py --crop_pct",
+            "python evaluate.py --mean"} <= refused

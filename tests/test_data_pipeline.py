@@ -11,6 +11,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
+from models import RunSpec
 from utils import augment, pipeline
 from utils.augment import draw_augmentation, lighten
 from utils.data import (READ_ERRORS, SeededSampler, decoded_by_pil, images_per_second, make_loader,
@@ -119,19 +120,26 @@ class PublishedLighting:
         return Image.fromarray(published_lighting(np.asarray(image), shift), "RGB")
 
 
-def published_transform(train):
+# What another architecture evaluates with (BNext's transform, and other statistics): each field
+# of the RunSpec that the data pipeline reads differs from the published one.
+OTHER_TRANSFORM = {"interpolation": "bicubic", "crop_pct": 0.95, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.3, 0.25)}
+
+
+def published_transform(train, mean=PUBLISHED_MEAN, std=PUBLISHED_STD, crop_pct=0.875, interpolation="bilinear"):
+    """torchvision's transforms as the published code composes them; the other arguments as a
+    RunSpec would name them."""
+    mode = transforms.InterpolationMode(interpolation)
     if train:
-        steps = [transforms.RandomResizedCrop(IMAGE_SIZE, scale=(0.08, 1.0)), PublishedLighting(),
-                 transforms.RandomHorizontalFlip()]
+        steps = [transforms.RandomResizedCrop(IMAGE_SIZE, scale=(0.08, 1.0), interpolation=mode),
+                 PublishedLighting(), transforms.RandomHorizontalFlip()]
     else:
-        steps = [transforms.Resize(round(IMAGE_SIZE / 0.875)), transforms.CenterCrop(IMAGE_SIZE)]
-    return transforms.Compose(steps + [transforms.ToTensor(),
-                                       transforms.Normalize(PUBLISHED_MEAN, PUBLISHED_STD)])
+        steps = [transforms.Resize(round(IMAGE_SIZE / crop_pct), mode), transforms.CenterCrop(IMAGE_SIZE)]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def published_batches(dataset, sampler, train):
+def published_batches(dataset, sampler, train, **transform):
     """What the published pipeline made of the sampler's items: (images, targets, unreadable names)."""
-    transform = published_transform(train)
+    transform = published_transform(train, **transform)
     items = list(sampler)
     for start in range(0, len(items), BATCH_SIZE):
         images, targets, unreadable = [], [], []
@@ -157,9 +165,9 @@ def same_images(images, want):
 
 
 def loader_for(data, split, backend, seed=0, workers=0, train=None, share=0.0, batch_size=BATCH_SIZE,
-               jpeg_decoder=None):
-    dataset = open_split(data, split, IMAGE_SIZE, backend, train=train, cpu_decode_share=share,
-                         jpeg_decoder=jpeg_decoder)
+               jpeg_decoder=None, **spec):
+    dataset = open_split(data, split, RunSpec(image_size=IMAGE_SIZE, **spec), backend, train=train,
+                         cpu_decode_share=share, jpeg_decoder=jpeg_decoder)
     sampler = SeededSampler(len(dataset), seed, shuffle=True)
     return make_loader(dataset, sampler, batch_size, workers, pin_memory=False)
 
@@ -174,7 +182,7 @@ def finished(loader):
 def test_the_pipeline_uses_the_published_constants():
     # A flipped sign of a small eigenvector entry changes the lighting of too few samples for the
     # batch comparison below to see it on a few dozen images; this sees every digit.
-    assert augment.IMAGENET_MEAN == PUBLISHED_MEAN and augment.IMAGENET_STD == PUBLISHED_STD
+    assert RunSpec().mean == PUBLISHED_MEAN and RunSpec().std == PUBLISHED_STD
     assert np.array_equal(augment.IMAGENET_PCA_EIGVAL, PUBLISHED_EIGVAL)
     assert np.array_equal(augment.IMAGENET_PCA_EIGVEC, PUBLISHED_EIGVEC)
 
@@ -192,6 +200,18 @@ def test_pil_backend_gives_the_published_batches_bit_for_bit(data, split, worker
                 assert unreadable == want_unreadable
                 assert torch.equal(target, want_target)
                 assert same_images(images, want)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_the_run_spec_sets_interpolation_crop_and_normalisation(data, split):
+    loader = loader_for(data, split, "pil", **OTHER_TRANSFORM)
+    expected = published_batches(loader.dataset, loader.sampler, split == "train", **OTHER_TRANSFORM)
+    batches = []
+    for (images, target, _, _), (want, want_target, _) in zip(finished(loader), expected, strict=True):
+        assert torch.equal(target, want_target) and same_images(images, want)
+        batches.append(images)
+    published = [images for images, *_ in finished(loader_for(data, split, "pil"))]
+    assert all(a is b is None or not torch.equal(a, b) for a, b in zip(batches, published, strict=True))
 
 
 def test_gpu_backend_draws_the_pil_backends_augmentation(data):
@@ -292,7 +312,7 @@ def with_decoder(monkeypatch, name, decode):
 
 def collated(data, names, backend="gpu", jpeg_decoder=None):
     """The val batch of the files ``names`` of class_0."""
-    dataset = open_split(data, "val", IMAGE_SIZE, backend, jpeg_decoder=jpeg_decoder)
+    dataset = open_split(data, "val", RunSpec(image_size=IMAGE_SIZE), backend, jpeg_decoder=jpeg_decoder)
     indices = [dataset.samples.index((os.path.join(data, "val", "class_0", name), 0)) for name in names]
     return make_loader(dataset, SeededSampler(len(dataset)), BATCH_SIZE, 0, False).collate_fn(
         [dataset[(index, 0)] for index in indices])
@@ -478,7 +498,7 @@ def test_images_per_second_counts_readable_images(data):
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_cuda_batches_equal_cpu_batches(data, split):
     cuda = torch.device("cuda")
-    dataset = open_split(data, split, IMAGE_SIZE, "pil")
+    dataset = open_split(data, split, RunSpec(image_size=IMAGE_SIZE), "pil")
     loader = make_loader(dataset, SeededSampler(len(dataset), 0), BATCH_SIZE, 0, pin_memory=True)
     for batch in filter(len, loader):
         assert batch.pixels.is_pinned()

@@ -18,6 +18,8 @@ from utils import distributed
 from utils.data import SeededSampler, decoded_by_pil
 from utils.pipeline import JPEG_DECODERS
 from utils.trainer import TrainingData
+from models import RunSpec
+from utils.recipe import ADAMBNN
 from utils.training_flags import build_parser, fill_defaults
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -91,7 +93,8 @@ def assert_evaluate_decodes_with_torchcodec(data, run_folder, training_output, d
 def test_training_validates_with_the_decoding_choices_of_evaluate_py(tiny_jpegs):
     flags = ["--data", tiny_jpegs, "--seed", "3", "--data_backend", "gpu", "--cpu_decode_share", "0.5",
              "-j", "0", "--device", "cpu"]
-    data = TrainingData(fill_defaults(build_parser(1).parse_args(flags)), distributed.init("cpu"))
+    args = fill_defaults(build_parser(1).parse_args(flags), ADAMBNN, 1)
+    data = TrainingData(args, distributed.init("cpu"), RunSpec())
     size = len(data.val_set)
     assert data.val_set.cpu_decode_share == 0.5
     # evaluate.py's sampler, which has no seed flag; the run's seed would take other files to PIL.

@@ -84,6 +84,7 @@ def trained_teacher(tiny_data, tmp_path_factory):
     return str(out), result.stdout
 
 
+@pytest.mark.slow
 def test_teacher_weights_load_as_the_distillation_teacher(trained_teacher):
     path, stdout = trained_teacher
     assert "epoch 1/1" in stdout and "val acc@1" in stdout
@@ -98,6 +99,7 @@ def test_teacher_weights_load_as_the_distillation_teacher(trained_teacher):
         build_teacher("resnet18", NUM_CLASSES + 1, path)
 
 
+@pytest.mark.slow
 def test_a_teacher_for_other_classes_is_refused_in_one_line(trained_teacher, tmp_path):
     data = write_image_folder(tmp_path / "data", {"train": 2, "val": 1}, num_classes=NUM_CLASSES + 1)
     result = run_script("step1/train.py", *train_args(data, trained_teacher[0], tmp_path / "run"))
@@ -106,6 +108,7 @@ def test_a_teacher_for_other_classes_is_refused_in_one_line(trained_teacher, tmp
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_train_teacher_refuses_an_unknown_architecture_in_one_line(tiny_data, tmp_path):
     result = run_tool("train_teacher", "--data", tiny_data, "--arch", "resnet_nonexistent",
                         "--out", tmp_path / "t.pth")

@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from conftest import REPO, run_script, signalled_group, train_args
+from models import RunSpec
 from utils import run_folder
+from utils.errors import UserError
+from utils.recipe import ADAMBNN
+from utils.training_flags import build_parser, fill_defaults, validate_resolved
 
 
 def torchrun_command(*args, processes=2, script=os.path.join(REPO, "step1", "train.py")):
@@ -35,6 +39,7 @@ def two_epoch_run(tiny_data, teacher_weights, tmp_path_factory):
     return save, result.stdout
 
 
+@pytest.mark.slow
 def test_validation_matches_a_single_process_evaluation(tiny_data, two_epoch_run):
     save, output = two_epoch_run
     evaluated = run_script("evaluate.py", "--data", tiny_data, "--checkpoint", save / run_folder.LAST,
@@ -43,6 +48,7 @@ def test_validation_matches_a_single_process_evaluation(tiny_data, two_epoch_run
     assert summary_lines(evaluated.stdout) == summary_lines(output)[-1:]
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_a_clean_checkpoint(two_epoch_run):
     save, output = two_epoch_run
     state = torch.load(save / run_folder.LAST, weights_only=True)
@@ -56,6 +62,7 @@ def progress_lines(output):
     return [(int(e), int(i)) for e, i in re.findall(r"^Epoch: \[(\d+)\]\[\s*(\d+)/", output, re.M)]
 
 
+@pytest.mark.slow
 def test_preempted_ranks_resume_from_one_checkpoint_bit_identically(tiny_data, teacher_weights,
                                                                      tmp_path, two_epoch_run):
     save, _ = two_epoch_run
@@ -92,6 +99,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_to_run_sh_under_torchrun_saves_and_exits_with_143(tiny_data, teacher_weights, tmp_path):
     # utils/launch.sh as step1/run.sh sources it, starting two processes with torchrun, each with a
     # loader worker; its train.py is tests/interrupted_run.py running step1/train.py.
@@ -119,9 +127,19 @@ def test_sigterm_to_run_sh_under_torchrun_saves_and_exits_with_143(tiny_data, te
     assert (saved["epoch"], saved["iteration"]) == (0, 2)
 
 
+@pytest.mark.slow
 def test_global_batch_must_divide_among_processes(tiny_data, teacher_weights, tmp_path):
     result = torchrun(*train_args(tiny_data, teacher_weights, tmp_path, batch_size=9))
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --batch_size 9 (the global batch) does not divide among 2 processes: "
                       "use a multiple of 2"]
+
+
+def test_the_recipes_global_batch_is_checked_against_the_processes(tiny_data):
+    """Not given, the batch is the recipe's, known once the run's spec is: it is checked then."""
+    args = fill_defaults(build_parser(1).parse_args(["--data", tiny_data]), ADAMBNN, 1)
+    validate_resolved(args, RunSpec(), world_size=ADAMBNN.batch_size // 2)
+    with pytest.raises(UserError, match=f"--batch_size {ADAMBNN.batch_size} \\(the global batch\\) does not "
+                                        f"divide among 3 processes: use a multiple of 3"):
+        validate_resolved(args, RunSpec(), world_size=3)

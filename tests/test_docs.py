@@ -98,7 +98,10 @@ def test_flag_tables_are_what_the_parsers_give():
 def test_script_variables_are_documented():
     page = read(FLAGS_PAGE)
     for script in ("step1/run.sh", "step2/run.sh", "utils/launch.sh", "demo.sh", "tools/measure_gpu.sh"):
-        variables = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):?-", read(os.path.join(REPO, script))))
+        text = read(os.path.join(REPO, script))
+        # Read directly (${NAME-default}) or by name in a loop over variables (launch.sh's checks).
+        looped = " ".join(re.findall(r"^\s*for name in ([A-Z0-9_ \\\n]+?); do", text, flags=re.M))
+        variables = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):?-", text)) | set(re.findall(r"[A-Z][A-Z0-9_]+", looped))
         assert variables, script
         missing = {name for name in variables if f"`{name}`" not in page}
         assert not missing, f"{script} reads {sorted(missing)}, which docs/flags.md does not document"

@@ -66,6 +66,7 @@ def demo(lce_env, teacher_weights, tmp_path_factory):
             "report": report}
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(reason="the two-epoch demo model now predicts one class for over 90% of the images "
                           "(also with the code this test landed with), so agreement is refused as "
                           "evidence; the export's proof is being reworked to rest on explained "
@@ -90,6 +91,7 @@ def test_trained_model_exports_fully_binary_and_agrees(demo):
     assert report["kernels_max_diff"] <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", ["parts", "chain"])
 def test_every_part_matches_pytorch_on_its_own_input(demo, check):
     """Each part fed PyTorch's input (parts.tflite), and each part of model.tflite's chain fed LCE's
@@ -122,6 +124,7 @@ convert.main(*sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_wrong_model_file_fails_the_export(demo, tmp_path, capsys, monkeypatch):
     """A model.tflite that computes something else than its checked parts fails, whatever its
     top-1 agreement; it is kept under another name and report.json says why."""
@@ -140,15 +143,15 @@ def test_wrong_model_file_fails_the_export(demo, tmp_path, capsys, monkeypatch):
     assert all(p["unexplained"] == 0 for p in report["parts"] + report["chain"])
 
 
+@pytest.mark.slow
 def test_pytorch_side_equals_evaluate(demo, capsys):
     """The reference the export is compared with is evaluate.py's model on evaluate.py's images."""
-    args = evaluate_args(demo["data"], demo["checkpoint"])
-    args[args.index("--image_size") + 1] = EXPORT_SIZE
-    evaluate.main([str(a) for a in args])
+    evaluate.main([str(a) for a in evaluate_args(demo["data"], demo["checkpoint"])] + ["--image_size", str(EXPORT_SIZE)])
     line = last_val_line(capsys.readouterr().out)
     assert line.startswith(f" * acc@1 {demo['report']['top1_pytorch']:.3f} ")
 
 
+@pytest.mark.slow
 def test_released_format_exports_the_same_flatbuffer(demo, tmp_path):
     """An AdamBNN-style released file (nn.DataParallel prefixes, no step metadata) converts to the
     very same bytes. (ReActNet's flat ``.weights`` load into the same model: test_checkpoint.py.)"""
@@ -272,12 +275,14 @@ def binary_conv(block, x, pad):
     return F.conv2d(F.pad(binary, pad), weight, stride=block.stride)
 
 
+@pytest.mark.slow
 def test_small_cases_are_fully_binary(small_cases):
     assert small_cases["report"]["parts"]["ops"]["LceBconv2d"] == 3 + 2 + 2 + 2
     assert "CONV_2D" not in small_cases["report"]["parts"]["ops"]
     assert small_cases["report"]["kernels_max_diff"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_stride2_on_even_size_aligns_as_pytorch(small_cases):
     block, x = small_cases["cases"]["stride2"]
     with torch.no_grad():  # the case tells the alignments apart: TF's "same" pads after
@@ -287,6 +292,7 @@ def test_stride2_on_even_size_aligns_as_pytorch(small_cases):
     assert result["max_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_binary_conv_pads_with_zeros(small_cases):
     block, x = small_cases["cases"]["zero_padding"]
     with torch.no_grad():  # the case tells zero from +1 padding apart
@@ -298,6 +304,7 @@ def test_binary_conv_pads_with_zeros(small_cases):
     assert result["max_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_sign_of_zero_is_plus_one_in_the_flatbuffer(small_cases):
     """Every channel's pre-sign value exactly 0 at one position: LCE's output is PyTorch's with
     sign(0) taken as +1 everywhere, and not the -1 reading."""
@@ -313,6 +320,7 @@ def test_sign_of_zero_is_plus_one_in_the_flatbuffer(small_cases):
     assert within == {1.0: True, -1.0: False}
 
 
+@pytest.mark.slow
 def test_sign_of_zero_differs_only_where_counted(small_cases):
     """PyTorch's sign(0) is 0, LCE's +1: outputs differ, but only where the exact zero reaches."""
     result = small_cases["sign_of_zero"]
@@ -341,6 +349,7 @@ def test_step1_checkpoint_refused(tmp_path, capsys):
     assert "step-1" in line
 
 
+@pytest.mark.slow
 def test_missing_data_folder(demo, tmp_path, capsys):
     line = expect_error(capsys, "--checkpoint", demo["checkpoint"], "--data", tmp_path / "nowhere",
                         "--image_size", EXPORT_SIZE)
@@ -367,6 +376,7 @@ def test_environment_that_cannot_be_made(tmp_path, capsys, kind):
     assert kind == "below_a_file" or (env / "keep.txt").exists()
 
 
+@pytest.mark.slow
 def test_broken_environment_reported_with_its_log(demo, tmp_path, capsys):
     """An environment stamped as complete but without LCE: the LCE side fails, in one line."""
     env = tmp_path / "env"
@@ -380,12 +390,14 @@ def test_broken_environment_reported_with_its_log(demo, tmp_path, capsys):
     assert "No module named" in (out / "lce.log").read_text()
 
 
+@pytest.mark.slow
 def test_existing_environment_is_reused(lce_env, capsys):
     assert export_lce.main(["--setup_only"]) is None
     out = capsys.readouterr().out
     assert "installing" not in out and lce_env in out
 
 
+@pytest.mark.slow
 def test_zero_latent_weights_are_exported_as_plus_one(small_cases):
     """A bit has no 0: the flatbuffer binarizes W == 0 to +1, where PyTorch's sign gives 0."""
     block, x = small_cases["cases"]["zero_weights"]

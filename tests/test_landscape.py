@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import NUM_CLASSES, main_error_line, run_tool
-from models import load_checkpoint, reactnet
+from models import RunSpec, load_checkpoint, reactnet
 from tools import landscape
 from utils.data import open_split
 
@@ -37,7 +37,7 @@ def checkpoint_loss(checkpoint, data, binary_weights):
     model = reactnet(NUM_CLASSES, binary_weights=binary_weights)
     load_checkpoint(model, checkpoint)
     model.eval()
-    dataset = open_split(data, "train", IMAGE_SIZE, train=False)
+    dataset = open_split(data, "train", RunSpec(image_size=IMAGE_SIZE), train=False)
     batches, _ = landscape.cache_batches(dataset, BATCHES, BATCH_SIZE, SEED, 0, torch.device("cpu"))
     total, count = 0.0, 0
     with torch.no_grad():

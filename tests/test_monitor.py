@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from models import reactnet
-from models.reactnet import binary_convs
+from models.layers import binary_convs
 from utils.monitor import PaperMetrics, MetricsLog, channel_abs_mean
 
 

@@ -127,6 +127,7 @@ def test_training_mode_is_restored(step2_model):
     assert step2_model.training
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_totals():
     # Run as documented, from the repository root, in a fresh interpreter.
     result = subprocess.run([sys.executable, "-m", "tools.summary", "--image_size", "32"],

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, evaluate_args, last_val_line, main_error_line, run_script, run_sh, succeeded
 
-from models import ModelSpec, build_model, reactnet
+from models import RunSpec, build_model, reactnet
 from models.binarize import binarize_activation, binarize_weight
 from models.checkpoint import CheckpointError, model_from_checkpoint
 from models.layers import BinaryActivation, binary_convs
@@ -58,7 +58,7 @@ def test_defaults_and_published_entries_are_the_existing_functions():
     assert WEIGHT_BINARIZERS["scaled_sign"] is binarize_weight
     assert ACT_BINARIZERS["published"] is masked_polynomial_sign
     assert WEIGHT_BINARIZERS["published"] is nested_mean_clamped_sign
-    spec = ModelSpec()
+    spec = RunSpec()
     assert (spec.arch, spec.act_binarizer, spec.weight_binarizer) == ("reactnet_a", "polynomial", "scaled_sign")
 
 
@@ -76,7 +76,7 @@ def test_default_spec_builds_reactnet_a_bit_for_bit(binary_weights):
     torch.manual_seed(3)
     direct = reactnet(5, binary_weights)
     torch.manual_seed(3)
-    named = build_model(ModelSpec(), 5, binary_weights)
+    named = build_model(RunSpec(num_classes=5, step=2 if binary_weights else 1))
     assert list(direct.state_dict()) == list(named.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), named.state_dict().values()))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -84,7 +84,7 @@ def test_default_spec_builds_reactnet_a_bit_for_bit(binary_weights):
 
 
 def test_chosen_binarizers_reach_every_binary_module():
-    model = build_model(ModelSpec("reactnet_18", "ste", "sign"), 3, True)
+    model = build_model(RunSpec("reactnet_18", "ste", "sign", num_classes=3))
     activations = [m for m in model.modules() if isinstance(m, BinaryActivation)]
     convs = [m for _, m in binary_convs(model)]
     assert len(activations) == len(convs) == 16
@@ -95,16 +95,16 @@ def test_chosen_binarizers_reach_every_binary_module():
 # --- Names in checkpoints ---
 
 def test_checkpoint_names_are_read_back_and_files_without_them_are_reactnet_a(tmp_path):
-    model = build_model(ModelSpec("reactnet_18", "ste", "sign"), 3, True)
+    model = build_model(RunSpec("reactnet_18", "ste", "sign", image_size=64, num_classes=3))
     named = tmp_path / "named.pth"
-    torch.save({"state_dict": model.state_dict(), "step": 2, **model.spec.as_dict()}, named)
-    loaded, step = model_from_checkpoint(str(named))
-    assert (loaded.spec, step) == (ModelSpec("reactnet_18", "ste", "sign"), 2)
+    torch.save({"state_dict": model.state_dict(), **model.spec.as_dict()}, named)
+    loaded, overrides = model_from_checkpoint(str(named))
+    assert (loaded.spec, overrides) == (model.spec, {})
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
     released = tmp_path / "released.pth"  # a bare state_dict, as the authors' files hold
     torch.save({f"module.{k}": v for k, v in reactnet(3, True).state_dict().items()}, released)
-    assert model_from_checkpoint(str(released))[0].spec == ModelSpec()
+    assert model_from_checkpoint(str(released))[0].spec == RunSpec(num_classes=3)
 
 
 def test_a_checkpoint_of_an_unregistered_architecture_says_what_to_do(tmp_path):
@@ -116,7 +116,7 @@ def test_a_checkpoint_of_an_unregistered_architecture_says_what_to_do(tmp_path):
 
 def test_lce_export_refuses_other_architectures_in_one_line(tmp_path, capsys):
     path = tmp_path / "r18.pth"
-    model = build_model(ModelSpec("reactnet_18"), 3, True)
+    model = build_model(RunSpec("reactnet_18", num_classes=3))
     torch.save({"state_dict": model.state_dict(), "step": 2, **model.spec.as_dict()}, path)
     line = main_error_line(export_lce.main, ["--checkpoint", path, "--data", tmp_path], capsys)
     assert line == (f"error: {path} holds a ReActNet-18 (--arch reactnet_18): the LCE export maps "
@@ -160,7 +160,7 @@ def reactnet18_reference(p, x, binary_weights):
 @pytest.mark.parametrize("binary_weights", [False, True])
 def test_reactnet18_forward_matches_the_reference(binary_weights):
     torch.manual_seed(0)
-    model = build_model(ModelSpec("reactnet_18"), 7, binary_weights).double().eval()
+    model = build_model(RunSpec("reactnet_18", num_classes=7, step=2 if binary_weights else 1)).double().eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # move every parameter and statistic away from its initial value
         for value in model.state_dict().values():
@@ -175,7 +175,7 @@ def test_reactnet18_forward_matches_the_reference(binary_weights):
 
 
 def test_reactnet18_layout():
-    model = build_model(ModelSpec("reactnet_18"), 1000, True)
+    model = build_model(RunSpec("reactnet_18"))
     convs = binary_convs(model)
     assert [name for name, _ in convs] == [f"layer{s}.{b}.binary_conv" for s in range(1, 5) for b in range(4)]
     assert all(conv.kernel_size == (3, 3) and conv.binary_weights for _, conv in convs)
@@ -196,7 +196,7 @@ def test_reactnet18_cost_at_224_by_hand():
                                          for s, c in ((28, 128), (14, 256), (7, 512)))
     flops = conv(112, 3, 64, 7) + sum(conv(s, c // 2, c, 1) for s, c in ((28, 128), (14, 256), (7, 512))) \
         + 512 * 1000
-    counts = count_ops(build_model(ModelSpec("reactnet_18"), 1000, True), 224)
+    counts = count_ops(build_model(RunSpec("reactnet_18")), 224)
     assert (counts["bops"], counts["flops"]) == (bops, flops)
     assert counts["ops"] == bops / 64 + flops
     # The papers' rounded figures: 1.68e9 BOPs, 1.39e8 FLOPs, 1.63e8 OPs.
@@ -204,6 +204,7 @@ def test_reactnet18_cost_at_224_by_hand():
 
 
 
+@pytest.mark.slow
 def test_reactnet18_through_both_run_sh_resume_and_evaluate(tiny_data, teacher_weights, tmp_path):
     step1_dir, step2_dir = str(tmp_path / "step1"), str(tmp_path / "step2")
     env = {"DATA": tiny_data, "BATCH_SIZE": "8", "IMAGE_SIZE": "32", "TEACHER": "resnet18",
@@ -226,7 +227,7 @@ def test_reactnet18_through_both_run_sh_resume_and_evaluate(tiny_data, teacher_w
     assert last_val_line(evaluated.stdout) == last_val_line(open(os.path.join(step2_dir, "log.txt")).read())
     # A ReActNet-A step 1 cannot continue this folder: one line, nothing lost.
     before = open(os.path.join(step1_dir, "checkpoint.pth.tar"), "rb").read()
-    refused = run_sh(1, dict(env, EPOCHS="3", SAVE=step1_dir), "--device", "cpu", cwd=REPO)
+    refused = run_sh(1, dict(env, ARCH="reactnet_a", EPOCHS="3", SAVE=step1_dir), "--device", "cpu", cwd=REPO)
     errors = [line for line in refused.stdout.splitlines() if line.startswith("error:")]  # run.sh tees stderr
     assert refused.returncode != 0 and "Traceback" not in refused.stdout and len(errors) == 1
     assert "--arch reactnet_18, not reactnet_a" in errors[0]

@@ -12,7 +12,7 @@ from models import reactnet
 from utils import optim, run_folder
 from utils.errors import UserError
 from utils.trainer import Trainer
-from utils.training_flags import build_parser, fill_defaults
+from utils.training_flags import build_parser
 
 LR = 1.25e-3  # the recipe's, which train_args leaves in place
 
@@ -25,6 +25,7 @@ def one_epoch(tiny_data, teacher_weights, tmp_path_factory):
     return save
 
 
+@pytest.mark.slow
 def test_changed_flags_are_refused_and_the_checkpoint_is_kept(one_epoch, tiny_data, teacher_weights):
     before = (one_epoch / "checkpoint.pth.tar").read_bytes()
     args = train_args(tiny_data, teacher_weights, one_epoch, "--learning_rate", 0.002,
@@ -37,6 +38,7 @@ def test_changed_flags_are_refused_and_the_checkpoint_is_kept(one_epoch, tiny_da
     assert (one_epoch / "checkpoint.pth.tar").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_with_changes_applies_the_new_schedule(one_epoch, tiny_data, teacher_weights, tmp_path):
     save = tmp_path / "run"
     shutil.copytree(one_epoch, save)
@@ -56,6 +58,7 @@ def test_resume_with_changes_applies_the_new_schedule(one_epoch, tiny_data, teac
     assert "continuing with changed flags" in (save / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_another_optimizer_cannot_continue_even_on_request(one_epoch, tiny_data, teacher_weights):
     args = train_args(tiny_data, teacher_weights, one_epoch, "--optimizer", "sgd", "--resume_with_changes")
     line = single_error_line(run_script("step1/train.py", *args))
@@ -92,7 +95,7 @@ def linked_copy(folder, target):
 def resumed(data, teacher, save, *extra, step=1, epochs=2):
     """The Trainer a run with these flags builds in ``save``, in this process (nothing trains)."""
     flags = [str(a) for a in train_args(data, teacher, save, *extra, epochs=epochs)]
-    return Trainer(fill_defaults(build_parser(step).parse_args(flags)), step)
+    return Trainer(build_parser(step).parse_args(flags), step)
 
 
 def refusal(data, teacher, save, *extra, step=1, epochs=2):
@@ -107,6 +110,7 @@ SPEED_CHANGES = {"amp": ["none", "bf16"], "fused_optimizer": [False, True],
                  "channels_last": [False, True], "deterministic": [False, True]}
 
 
+@pytest.mark.slow
 def test_speed_flags_may_change_and_are_recorded_to_the_final_checkpoint(stopped, tiny_data,
                                                                           teacher_weights, tmp_path):
     save = linked_copy(stopped, tmp_path / "run")
@@ -124,6 +128,18 @@ def test_speed_flags_may_change_and_are_recorded_to_the_final_checkpoint(stopped
     assert all(group["fused"] for group in state["optimizer"]["param_groups"])
 
 
+@pytest.mark.slow
+def test_every_later_checkpoint_keeps_the_changes_of_earlier_resumes(stopped, tiny_data, teacher_weights,
+                                                                     tmp_path):
+    save = linked_copy(stopped, tmp_path / "run")
+    resumed(tiny_data, teacher_weights, save, "--amp", "bf16").save()
+    trainer = resumed(tiny_data, teacher_weights, save, "--amp", "bf16", "--channels_last")
+    assert trainer.state_dict()["flag_changes"] == [
+        {"epoch": 0, "iteration": 2, "changes": {"amp": ["none", "bf16"]}},
+        {"epoch": 0, "iteration": 2, "changes": {"channels_last": [False, True]}}]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, change", [(["--compile", "eager"], {"compile": [None, "eager"]}),
                                            (["--amp", "fp16"], {"amp": ["none", "fp16"]})])
 def test_compile_and_fp16_may_change_and_are_recorded(stopped, tiny_data, teacher_weights, tmp_path,
@@ -133,6 +149,7 @@ def test_compile_and_fp16_may_change_and_are_recorded(stopped, tiny_data, teache
     assert trainer.state_dict()["flag_changes"] == [{"epoch": 0, "iteration": 2, "changes": change}]
 
 
+@pytest.mark.slow
 def test_another_data_backend_is_refused_unless_asked_for(stopped, tiny_data, teacher_weights, tmp_path):
     save = linked_copy(stopped, tmp_path / "run")
     line = refusal(tiny_data, teacher_weights, save, "--data_backend", "gpu")
@@ -144,6 +161,7 @@ def test_another_data_backend_is_refused_unless_asked_for(stopped, tiny_data, te
         "data_backend": ["pil", "gpu"], "jpeg_decoder": [None, "torchvision"]}}]
 
 
+@pytest.mark.slow
 def test_the_same_data_folder_and_teacher_named_otherwise_are_no_change(stopped, tiny_data, teacher_weights,
                                                                         tmp_path, monkeypatch):
     teacher_copy = tmp_path / "teacher_copy.pth"
@@ -161,6 +179,7 @@ def other_weights(teacher_weights, path):
     return path
 
 
+@pytest.mark.slow
 def test_moved_data_and_teacher_weights_replaced_in_place_are_changes(stopped, tiny_data, teacher_weights,
                                                                       tmp_path):
     moved = tmp_path / "moved"
@@ -183,6 +202,7 @@ def test_moved_data_and_teacher_weights_replaced_in_place_are_changes(stopped, t
     assert set(trainer.flag_changes[0]["changes"]) == {"data", "teacher_weights"}
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_recorded_inputs_compares_its_paths_as_they_are_now(
         stopped, tiny_data, teacher_weights, tmp_path):
     state = torch.load(stopped / run_folder.LAST, weights_only=True)
@@ -225,7 +245,7 @@ def test_scheduler_and_resume_with_changes_share_one_schedule_function(tiny_data
     # must both follow it.
     monkeypatch.setattr(optim, "learning_rate_factor", lambda steps, epochs: 0.5 ** steps / epochs)
     flags = [str(a) for a in train_args(tiny_data, teacher_weights, str(tmp_path / "run"), epochs=4)]
-    trainer = Trainer(fill_defaults(build_parser(1).parse_args(flags)), 1)
+    trainer = Trainer(build_parser(1).parse_args(flags), 1)
     trainer.scheduler.step()
     trainer.scheduler.step()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(LR * 0.25 / 4)

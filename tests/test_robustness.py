@@ -104,6 +104,7 @@ def assert_resumed_to_the_uninterrupted_end(command, stopped_at, uninterrupted, 
     assert_bit_identical(adam_moments(final), adam_moments(uninterrupted))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, teacher_weights, tmp_path,
                                                          uninterrupted, uninterrupted_folder):
     command = step1_command(tiny_data, teacher_weights, tmp_path, "--save_every_iters", 2)
@@ -122,6 +123,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data, teacher_weigh
     assert training_records(tmp_path) == training_records(uninterrupted_folder)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_mid_epoch_and_resume_is_bit_identical(
         tiny_data, teacher_weights, tmp_path, uninterrupted):
     command = step1_command(tiny_data, teacher_weights, tmp_path, "--workers", 2)
@@ -154,6 +156,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == [run_folder.LAST]
 
 
+@pytest.mark.slow
 def test_partial_file_from_a_crash_is_removed_and_never_loaded(tiny_data, teacher_weights, tmp_path):
     partial = tmp_path / f"{run_folder.LAST}{run_folder.PARTIAL}999"
     partial.write_bytes(b"garbage from a crash")
@@ -179,6 +182,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_one_run_per_run_folder_and_a_killed_run_never_blocks_it(tiny_data, teacher_weights, tmp_path):
     with subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO, text=True,
                           stdout=subprocess.PIPE, start_new_session=True) as holder:
@@ -196,6 +200,28 @@ def test_one_run_per_run_folder_and_a_killed_run_never_blocks_it(tiny_data, teac
             os.killpg(holder.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_a_second_run_in_the_folder_of_a_running_one_is_refused(tiny_data, teacher_weights, tmp_path):
+    save = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", INTERRUPT_SIGNAL="SIGTERM", INTERRUPT_AFTER_STEP="1",
+               INTERRUPT_TARGET="outside")  # the first run waits after its first step
+    command = [sys.executable, INTERRUPTED_RUN, *step1_command(tiny_data, teacher_weights, save)[1:]]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          start_new_session=True) as first:
+        try:
+            output = []
+            for line in first.stdout:
+                output.append(line)
+                if line.startswith("interrupted_run: waiting"):
+                    break
+            assert first.poll() is None, "".join(output)[-3000:]
+            second = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, save))
+            line = one_error_line(second)
+            assert f"the run folder {save} is in use by another run (process {first.pid} on " in line
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def one_epoch_run(tiny_data, teacher_weights, tmp_path):
     result = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, tmp_path))
@@ -210,6 +236,7 @@ def limit_file_size(limit):
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_stops_cleanly(tiny_data, teacher_weights, one_epoch_run):
     before = (one_epoch_run / run_folder.LAST).read_bytes()
     # Two epochs of batch 4 continue the one-epoch run of batch 8 on request, so that a write happens.
@@ -222,6 +249,7 @@ def test_full_disk_while_saving_stops_cleanly(tiny_data, teacher_weights, one_ep
     assert not [name for name in os.listdir(one_epoch_run) if run_folder.PARTIAL in name]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, teacher_weights, one_epoch_run):
     poisoned = one_epoch_run / "nan_teacher.pth"
     state = torch.load(teacher_weights, weights_only=True)
@@ -234,6 +262,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, teacher_
     assert (one_epoch_run / run_folder.LAST).read_bytes() == before
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_saved_and_the_last_checkpoint_resumes(tiny_data, teacher_weights,
                                                                             one_epoch_run, tmp_path_factory):
     before = (one_epoch_run / run_folder.LAST).read_bytes()
@@ -274,6 +303,7 @@ def corrupt_data(tiny_data, tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_and_named(corrupt_data, teacher_weights, tmp_path):
     result = run_script("step1/train.py", *train_args(corrupt_data, teacher_weights, tmp_path / "run"))
     assert result.returncode == 0, result.stderr
@@ -282,12 +312,14 @@ def test_corrupt_images_are_skipped_and_named(corrupt_data, teacher_weights, tmp
     assert "2 unreadable training images skipped" in result.stdout
 
 
+@pytest.mark.slow
 def test_corrupt_images_beyond_the_limit_stop_the_run(corrupt_data, teacher_weights, tmp_path):
     args = train_args(corrupt_data, teacher_weights, tmp_path / "run", "--max_unreadable_share", 0)
     line = one_error_line(run_script("step1/train.py", *args))
     assert "unreadable" in line and "--max_unreadable_share" in line
 
 
+@pytest.mark.slow
 def test_resuming_a_run_folder_of_another_class_count_is_refused(teacher_weights, one_epoch_run, tmp_path):
     four_classes = write_image_folder(tmp_path / "four", {"train": 2, "val": 1}, num_classes=4)
     torch.manual_seed(0)
@@ -315,6 +347,7 @@ def evaluate_corrupt_val(corrupt_val, *flags):
                       "--batch_size", 13, "-j", 0, "--device", "cpu", *flags)
 
 
+@pytest.mark.slow
 def test_unreadable_validation_images_are_counted_after_the_summary(corrupt_val):
     result = evaluate_corrupt_val(corrupt_val)
     assert result.returncode == 0, result.stderr
@@ -325,6 +358,7 @@ def test_unreadable_validation_images_are_counted_after_the_summary(corrupt_val)
     assert "not_an_image.png" in result.stdout
 
 
+@pytest.mark.slow
 def test_too_many_unreadable_validation_images_stop_the_evaluation(corrupt_val):
     line = one_error_line(evaluate_corrupt_val(corrupt_val, "--max_unreadable_share", 0))
     assert "1 of the 13 validation images" in line and "--max_unreadable_share" in line

@@ -13,7 +13,7 @@ import torch
 
 from conftest import run_script, train_args
 from models import reactnet
-from models.reactnet import BinaryConv2d
+from models.layers import BinaryConv2d
 from utils.distill import distillation_loss
 
 LR = 1.25e-3  # the Adam default of the train scripts
@@ -116,6 +116,7 @@ def test_binary_weights_are_exactly_plus_minus_alpha_under_autocast(dtype):
         assert (magnitude > 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 def test_compiled_student_matches_eager_values_and_gradients(backend):
     torch.manual_seed(0)
@@ -174,6 +175,7 @@ def assert_effects_of(flags, state, stderr, iterations):
                          stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, batch_size", [
     (["--amp", "bf16", "--channels_last"], 8),
     # fp16: 6 iterations in epoch 0, so that some updates remain after the skipped ones.

@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 
 from models import reactnet
-from models.reactnet import GlobalMeanPool
+from models.layers import GlobalMeanPool
 from utils.distill import distillation_loss
 from utils.optim import build_optimizer
 from utils.runtime import configure_device
 from utils.trainer import Trainer
-from utils.training_flags import build_parser, fill_defaults
+from utils.training_flags import build_parser
 
 from conftest import REPO, run_script, train_args
 
@@ -127,6 +127,7 @@ MMAPPED_BYTES_OF_LARGE_BLOCKS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_cpu_training_keeps_large_blocks_in_the_reusable_heap():
     # Whether the kernel then page-faults a reused heap block is its own business (it varies with
@@ -236,7 +237,7 @@ def runs(tiny_data, teacher_weights, tmp_path_factory):
     copy.mkdir()
     shutil.copy(os.path.join(interrupted, "checkpoint.pth.tar"), copy)
     flags = [str(a) for a in train_args(tiny_data, teacher_weights, str(copy), epochs=EPOCHS)]
-    restored = trainer_state(Trainer(fill_defaults(build_parser(1).parse_args(flags)), 1))
+    restored = trainer_state(Trainer(build_parser(1).parse_args(flags), 1))
 
     resumed = run_script("step1/train.py", *train_args(tiny_data, teacher_weights, interrupted,
                                                          epochs=EPOCHS))
@@ -246,11 +247,13 @@ def runs(tiny_data, teacher_weights, tmp_path_factory):
             "straight": straight, "interrupted": interrupted, "uninterrupted": uninterrupted}
 
 
+@pytest.mark.slow
 def test_interrupted_run_stopped_after_its_first_checkpoint(runs):
     assert runs["crashed"].returncode == 75, runs["crashed"].stderr[-2000:]
     assert runs["saved"]["epoch"] == 1 and runs["saved"]["iteration"] == 0
 
 
+@pytest.mark.slow
 def test_rerun_resumes_at_epoch_1(runs):
     assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-2000:]
     assert re.search(r"resuming .* at epoch 1\b", runs["resumed"].stdout)
@@ -259,6 +262,7 @@ def test_rerun_resumes_at_epoch_1(runs):
     assert "Epoch: [0]" not in runs["resumed"].stdout and "Epoch: [1]" in runs["resumed"].stdout
 
 
+@pytest.mark.slow
 def test_resume_restores_model_optimizer_scheduler_and_position(runs):
     saved, restored = runs["saved"], runs["restored"]
     assert saved["optimizer"]["state"], "Adam has no moments to compare"
@@ -267,6 +271,7 @@ def test_resume_restores_model_optimizer_scheduler_and_position(runs):
         assert_same(restored[key], saved[key], key)
 
 
+@pytest.mark.slow
 def test_resume_restores_python_and_numpy_rng(runs):
     saved, restored = runs["saved"]["rng"], runs["restored"]
     kind, keys, pos, has_gauss, cached = restored["numpy"]
@@ -275,10 +280,12 @@ def test_resume_restores_python_and_numpy_rng(runs):
     assert restored["python"][1] == tuple(saved["python"][1])
 
 
+@pytest.mark.slow
 def test_resume_restores_torch_rng(runs):
     assert torch.equal(runs["restored"]["torch"], runs["saved"]["rng"]["torch"])
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(runs):
     assert runs["straight"].returncode == 0, runs["straight"].stderr[-2000:]
     resumed = load(os.path.join(runs["interrupted"], "checkpoint.pth.tar"))
@@ -289,6 +296,7 @@ def test_resumed_run_equals_uninterrupted_run(runs):
         assert_same(resumed[key], straight[key], key)
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_uninterrupted_torch_rng_state(runs):
     resumed = load(os.path.join(runs["interrupted"], "checkpoint.pth.tar"))
     straight = load(os.path.join(runs["uninterrupted"], "checkpoint.pth.tar"))
@@ -306,6 +314,7 @@ def metrics_records(folder):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_each_epoch_trains_at_the_linearly_decayed_rate(runs):
     # The schedule is stepped at the start of every epoch, as in the published code.
     expected = [LR * (1 - (e + 1) / EPOCHS) for e in range(EPOCHS)]
@@ -323,6 +332,7 @@ def test_each_epoch_trains_at_the_linearly_decayed_rate(runs):
     assert [g["lr"] for g in final["optimizer"]["param_groups"]] == [0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_the_rate_is_what_moves_the_weights(runs):
     # Weights flip sign while the rate is positive and stay put at rate 0, in the last epoch.
     flip_flops = [r["flip_flop"] for r in metrics_records(runs["uninterrupted"])]
@@ -331,6 +341,7 @@ def test_the_rate_is_what_moves_the_weights(runs):
 
 # --- What a run folder holds ---
 
+@pytest.mark.slow
 def test_checkpoint_content(runs):
     checkpoint = load(os.path.join(runs["uninterrupted"], "checkpoint.pth.tar"))
     assert CHECKPOINT_KEYS <= set(checkpoint)
@@ -342,6 +353,7 @@ def test_checkpoint_content(runs):
     assert checkpoint["args"]["epochs"] == EPOCHS and checkpoint["args"]["weight_decay"] == WD
 
 
+@pytest.mark.slow
 def test_best_accuracy_is_the_best_validation_line(runs):
     with open(os.path.join(runs["uninterrupted"], "log.txt")) as f:
         accuracies = val_accuracies(f.read())
@@ -350,6 +362,7 @@ def test_best_accuracy_is_the_best_validation_line(runs):
     assert checkpoint["best_top1_acc"] == pytest.approx(max(accuracies), abs=5e-4)
 
 
+@pytest.mark.slow
 def test_run_folder_holds_args_json_and_best_model(runs):
     folder = runs["uninterrupted"]
     with open(os.path.join(folder, "args.json")) as f:

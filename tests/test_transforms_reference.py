@@ -32,9 +32,10 @@ def pipeline_epoch(root, split, image_size, seed, epoch, batch_size):
         in loader order, their labels, and per image ``(path, sample_seed)``, the file and the
         seed its augmentation ran under.
     """
+    from models import RunSpec
     from utils.data import SeededSampler, make_loader, open_split
     train = split == "train"
-    dataset = open_split(root, split, image_size)
+    dataset = open_split(root, split, RunSpec(image_size=image_size))
     sampler = SeededSampler(len(dataset), seed, shuffle=train)
     sampler.set_epoch(epoch)
     order = list(sampler)  # (index, sample seed), in the order the loader reads them

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import run_script, single_error_line, write_image_folder
-from models import reactnet
+from models import RunSpec, reactnet
 from utils import distributed
 from utils.cli import UNREADABLE_FLOOR
 from utils.data import SeededSampler, make_loader, open_split
@@ -80,6 +80,7 @@ def evaluate_val(val, batch_size, *flags):
                       "--batch_size", batch_size, "-j", 0, "--device", "cpu", *flags)
 
 
+@pytest.mark.slow
 def test_evaluate_gives_the_same_outcome_at_every_batch_size(val_33):
     outcomes = []
     for batch_size in (16, 11):
@@ -119,7 +120,7 @@ def two_ranks(rank, port, data, results):
                 stopped = (step, limit.unreadable, limit.read)
                 break
         # 9 images over 2 ranks at 4 a batch: rank 0 has 2 batches, rank 1 one.
-        dataset = open_split(data, "val", 32)
+        dataset = open_split(data, "val", RunSpec(image_size=32))
         loader = make_loader(dataset, SeededSampler(len(dataset), shuffle=False, rank=rank, world_size=2),
                              4, 0, False)
         torch.manual_seed(0)
@@ -129,6 +130,7 @@ def two_ranks(rank, port, data, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_judge_the_summed_counts_and_evaluate_uneven_shares(tmp_path):
     data = write_image_folder(tmp_path / "data", {"val": 3})
     results = mp.get_context("spawn").SimpleQueue()

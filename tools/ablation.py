@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import recipe
 from models.registry import get_architecture
-from utils.cli import OneLineErrorParser, add_arch_flag, require_positive
+from models.spec import resolve
+from utils.cli import OneLineErrorParser, add_spec_flags, given_spec, require_positive
 from utils.errors import UserError, report_user_errors
+from utils.recipe import ADAMBNN
 from utils.run_folder import LAST
 from utils.training_flags import REPO_ROOT
 
@@ -74,7 +75,9 @@ class GridRow:
 
 
 # Table 1 of the paper (one-step and two-step at three weight decays) plus its Adam vs SGD pair.
-OPTIMIZERS = tuple(recipe.LEARNING_RATES)
+OPTIMIZERS = tuple(ADAMBNN.learning_rates)
+# The RunSpec flags passed to every train script when given (the others follow the architecture).
+FORWARDED_SPEC_FLAGS = ("arch", "image_size")
 CONFIGS = [
     GridRow("adam", 1e-5, 0.0),
     GridRow("adam", 5e-6, 0.0),
@@ -278,9 +281,8 @@ def build_parser():
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
     parser.add_argument("--out", required=True,
                         help="folder for the runs (OUT/runs/<name>) and the table (OUT/ablation.md)")
-    add_arch_flag(parser)
-    parser.add_argument("--epochs", type=int, default=recipe.EPOCHS,
-                        help=f"epochs per step; one-step runs train twice as many (default {recipe.EPOCHS})")
+    parser.add_argument("--epochs", type=int, default=ADAMBNN.epochs,
+                        help=f"epochs per step; one-step runs train twice as many (default {ADAMBNN.epochs})")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=[c.name for c in CONFIGS],
                         help=f"train only these configurations: {', '.join(c.name for c in CONFIGS)}")
     for optimizer in OPTIMIZERS:
@@ -291,10 +293,10 @@ def build_parser():
     forwarded.add_argument("--teacher", help="torchvision model name of the teacher")
     forwarded.add_argument("--teacher_weights", help="state_dict file of the teacher")
     forwarded.add_argument("--batch_size", type=int, help="global batch of every run")
-    forwarded.add_argument("--image_size", type=int, help="training crop of every run")
     forwarded.add_argument("-j", "--workers", type=int, help="loader workers per run")
     parser.add_argument("extra", nargs="*",
                         help="after '--': more flags for every train script, e.g. -- --device cpu")
+    add_spec_flags(parser, FORWARDED_SPEC_FLAGS, source=None)
     return parser
 
 
@@ -313,9 +315,9 @@ def main(argv=None):
     except OSError as e:
         raise UserError(f"cannot create {runs_dir} ({e.strerror}): pass a writable --out") from None
 
-    architecture = get_architecture(args.arch)
-    shared_flags = ["--data", args.data, "--arch", args.arch]
-    for flag in ("teacher", "teacher_weights", "batch_size", "image_size", "workers"):
+    architecture = get_architecture(resolve(given_spec(args))[0].arch)
+    shared_flags = ["--data", args.data]
+    for flag in ("teacher", "teacher_weights", "batch_size", "workers", *FORWARDED_SPEC_FLAGS):
         value = getattr(args, flag)
         if value is not None:
             shared_flags += [f"--{flag}", str(value)]

@@ -50,6 +50,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 import torch  # noqa: E402
 
+from models import RunSpec  # noqa: E402
 from tools.bench import memory  # noqa: E402
 from tools.bench.compute import benchmark_training  # noqa: E402
 from tools.bench.loader import benchmark_loader  # noqa: E402
@@ -57,8 +58,8 @@ from tools.bench.report import device_name, render  # noqa: E402
 from tools.bench.jpeg_folder import write_jpeg_folder  # noqa: E402
 from tools.bench.variants import FLAGS, SPEED_FLAGS, parse_variant  # noqa: E402
 from utils.data import BACKENDS, CPU_DECODE_SHARE, require_cpu_decode_share  # noqa: E402
-from utils.cli import (OneLineErrorParser, add_arch_flag, add_device_flag, require_at_least,  # noqa: E402
-                       require_image_size, resolve_device, resolve_workers)
+from utils.cli import (OneLineErrorParser, add_device_flag, require_at_least, require_image_size,  # noqa: E402
+                       resolve_device, resolve_workers)
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.pipeline import JPEG_DECODERS, jpeg_decoder_for  # noqa: E402
 from utils.runtime import keep_freed_host_memory  # noqa: E402
@@ -72,7 +73,7 @@ def build_parser():
         epilog="Configurations: baseline, fastest, ours, ours+FLAG[+FLAG...] with FLAG among "
                + ", ".join(FLAGS) + " (metrics: the paper's per-iteration flip-flop bookkeeping).")
     add_device_flag(parser)
-    add_arch_flag(parser)
+    parser.add_argument("--arch", default=RunSpec.arch, help="registered architecture (models/)")
     parser.add_argument("--image_size", type=int, default=64, help="training crop of the synthetic batch")
     parser.add_argument("--batch_size", type=int, default=32, help="images per iteration (and per loader batch)")
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per round")
@@ -99,7 +100,7 @@ def build_parser():
                         help="also measure the data loader's workers alone")
     parser.add_argument("--loader_images", type=int, default=256,
                         help="JPEG files generated for --loader and --end_to_end")
-    parser.add_argument("--loader_image_size", type=int, default=224,
+    parser.add_argument("--loader_image_size", type=int, default=RunSpec.image_size,
                         help="RandomResizedCrop size of the loader benchmark")
     parser.add_argument("--loader_workers", type=int, nargs="+", default=[0, 1, 2],
                         help="worker counts of the loader benchmark")

@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from models.binarize import binarize_weight
-from models.checkpoint import model_from_checkpoint
-from models.registry import get_architecture, set_binarizers
-from models.reactnet import BasicBlock, Stem, binary_convs
+from models.layers import binary_convs, set_binarizers
+from models.reactnet import BasicBlock, Stem
+from models.registry import get_architecture
 from tools.lce.timing import latency_ms
-from utils.cli import (OneLineErrorParser, add_unreadable_flag, add_workers_flag, require_at_least,
-                       require_positive, require_share, resolve_workers)
+from utils.cli import (OneLineErrorParser, add_spec_flags, add_unreadable_flag, add_workers_flag,
+                       model_for, require_at_least, require_positive, require_share, resolve_workers)
 from utils.data import make_loader, on_device, open_split
 from utils.errors import UserError, report_user_errors
 from utils.evaluation import UnreadableLimit
@@ -438,7 +438,6 @@ def build_parser():
     parser.add_argument("--lce_env", default=default_lce_env(),
                         help="virtual environment of LCE (default: $LCE_ENV or .lce_env/ in the repository)")
     parser.add_argument("--setup_only", action="store_true", help="only create or check the LCE environment")
-    parser.add_argument("--image_size", type=int, default=224, help="input size of the exported model")
     parser.add_argument("--max_images", type=int, default=0,
                         help="compare on this many validation images, evenly spaced (0: all)")
     parser.add_argument("--part_images", type=int, default=4,
@@ -457,6 +456,7 @@ def build_parser():
                         help="validation images read, run and compared at a time (the work folder holds one batch)")
     add_workers_flag(parser)
     add_unreadable_flag(parser)
+    add_spec_flags(parser, ("image_size", "crop_pct", "interpolation", "mean", "std"))
     return parser
 
 
@@ -469,14 +469,21 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    if args.image_size < MIN_EXPORT_SIZE or args.image_size % 32:
-        raise UserError(f"--image_size must be a multiple of 32 (ReActNet-A downsamples by 32) and at "
-                        f"least {MIN_EXPORT_SIZE} (LCE's binary conv pads inputs under 3x3 wrongly), "
-                        f"got {args.image_size}")
+    """Raises a UserError for values no export can use; the image size when given (else it is the
+    checkpoint's, checked by ``check_export_size`` once read)."""
+    if args.image_size is not None:
+        check_export_size(args.image_size)
     require_positive({f"--{flag}": getattr(args, flag)
                       for flag in ("part_images", "threads", "bench_runs", "batch_size")})
     require_at_least(0, {"--max_images": args.max_images, "--sign_eps": args.sign_eps})
     require_share("--max_unreadable_share", args.max_unreadable_share)
+
+
+def check_export_size(size):
+    if size < MIN_EXPORT_SIZE or size % 32:
+        raise UserError(f"--image_size must be a multiple of 32 (ReActNet-A downsamples by 32) and at "
+                        f"least {MIN_EXPORT_SIZE} (LCE's binary conv pads inputs under 3x3 wrongly), "
+                        f"got {size}")
 
 
 def export(args, model, dataset, python):
@@ -662,13 +669,15 @@ def main(argv=None):
         print(f"=> LCE environment ready: {lce_python(args.lce_env)}")
         return None
     check_args(args)
-    model, step = model_from_checkpoint(args.checkpoint)
-    if step != 2:
-        raise UserError(f"{args.checkpoint} is a step-{step} checkpoint (real-valued weights): only a "
-                        f"step-2 model has binary weights to run as bits; pass step 2's checkpoint")
+    model = model_for(args)
+    args.image_size = model.spec.image_size  # the exported model's input size
+    check_export_size(args.image_size)
+    if model.spec.step != 2:
+        raise UserError(f"{args.checkpoint} is a step-{model.spec.step} checkpoint (real-valued weights): "
+                        f"only a step-2 model has binary weights to run as bits; pass step 2's checkpoint")
     check_exportable(model.spec, args.checkpoint)
     model.eval()
-    dataset = open_split(args.data, "val", args.image_size, num_classes=model.fc.out_features)
+    dataset = open_split(args.data, "val", model.spec, num_classes=model.spec.num_classes)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

@@ -9,8 +9,9 @@ channel) and PReLU slopes do not move, as in Li et al. For a step-2 checkpoint t
 the latent weights, so the loss is that of the binary network they binarize to.
 
 The loss is the cross-entropy against the true labels on the first --batches batches of a seeded
-shuffle of DATA/train, read with the deterministic validation transform and kept in memory, with
-BatchNorm in eval mode. The centre of the grid is the checkpoint itself.
+shuffle of DATA/train, read with the deterministic validation transform of the checkpoint's run
+(its image size, resize, crop and normalisation) and kept in memory, with BatchNorm in eval mode.
+The centre of the grid is the checkpoint itself.
 
     python -m tools.landscape --checkpoint step2/models/model_best.pth.tar --data /imagenet \\
         --out landscape/step2 --dim 2 --points 21 --span 1
@@ -34,10 +35,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models.checkpoint import model_from_checkpoint  # noqa: E402
-from utils.cli import (OneLineErrorParser, add_device_flag, add_workers_flag,  # noqa: E402
-                       require_image_size, require_positive, require_seed, resolve_device,
-                       resolve_workers)
+from utils.cli import (OneLineErrorParser, add_device_flag, add_spec_flags, add_workers_flag,  # noqa: E402
+                       model_for, require_image_size_in_memory, require_positive, require_seed,
+                       resolve_device, resolve_workers)
 from utils.data import SeededSampler, make_loader, open_split  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 
@@ -53,14 +53,10 @@ def build_parser():
     parser.add_argument("--span", type=float, default=1.0, help="coordinates run over [-span, span]")
     parser.add_argument("--batches", type=int, default=10, help="training batches the loss is taken on")
     parser.add_argument("--batch_size", type=int, default=256, help="images per training batch")
-    parser.add_argument("--image_size", type=int, default=224,
-                        help="centre crop of the validation transform the batches are read with")
-    parser.add_argument("--step", type=int, choices=[1, 2], default=None,
-                        help="1: real weights, 2: binary weights (default: from the checkpoint; "
-                             "2 for released files)")
     add_workers_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="fixes the directions and which images are used")
     add_device_flag(parser)
+    add_spec_flags(parser, ("step", "image_size", "crop_pct", "interpolation", "mean", "std"))
     return parser
 
 
@@ -70,7 +66,8 @@ def check_args(args):
         raise UserError(f"--points must be odd and at least 3 so that the grid has 0 at its centre, "
                         f"got {args.points}")
     require_positive({"--span": args.span, "--batches": args.batches, "--batch_size": args.batch_size})
-    require_image_size(args.image_size)
+    if args.image_size is not None:
+        require_image_size_in_memory(args.image_size)
     require_seed(args.seed)
 
 
@@ -222,16 +219,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     device = resolve_device(args.device)
-    model, step = model_from_checkpoint(args.checkpoint, args.step)
-    require_image_size(args.image_size, arch=model.spec.arch)
+    model = model_for(args)
+    spec = model.spec
     model.to(device).eval()
-    dataset = open_split(args.data, "train", args.image_size, train=False,
-                         num_classes=model.fc.out_features)
+    dataset = open_split(args.data, "train", spec, train=False, num_classes=spec.num_classes)
     make_out_dir(args.out)
     workers = resolve_workers(args.workers)
     batches, skipped = cache_batches(dataset, args.batches, args.batch_size, args.seed, workers, device)
     num_images = sum(len(targets) for _, targets in batches)
-    print(f"=> landscape of {args.checkpoint} as step {step} on {num_images} images of "
+    print(f"=> landscape of {args.checkpoint} as step {spec.step} on {num_images} images of "
           f"{os.path.join(args.data, 'train')}" + (f" ({skipped} unreadable skipped)" if skipped else ""),
           flush=True)
 
@@ -242,11 +238,11 @@ def main(argv=None):
 
     axes = dict(zip(("x", "y"), coordinates))
     np.savez(os.path.join(args.out, "landscape.npz"), **axes, losses=losses,
-             checkpoint=args.checkpoint, step=step, dim=args.dim, points=args.points, span=args.span,
+             checkpoint=args.checkpoint, step=spec.step, dim=args.dim, points=args.points, span=args.span,
              seed=args.seed, batches=args.batches, batch_size=args.batch_size,
-             image_size=args.image_size, num_images=num_images)
+             image_size=spec.image_size, num_images=num_images)
     plot(os.path.join(args.out, "landscape.png"), coordinates, losses,
-         f"{os.path.basename(args.checkpoint)} (step {step}), {num_images} training images")
+         f"{os.path.basename(args.checkpoint)} (step {spec.step}), {num_images} training images")
     print(f"=> wrote landscape.npz and landscape.png to {args.out}; loss at the centre "
           f"{losses[(args.points // 2,) * args.dim]:.4f}", flush=True)
     return losses

@@ -2,55 +2,51 @@
 
 Run from the repository root:
 
-    python -m tools.summary --image_size 224                 # step-2 network, 1000 classes
+    python -m tools.summary                                  # step-2 ReActNet-A, 1000 classes, 224 px
     python -m tools.summary --step 1                         # binary activations, real weights
     python -m tools.summary --arch reactnet_18               # another registered architecture
     python -m tools.summary --checkpoint step2/models/model_best.pth.tar
 
-With --checkpoint, the architecture and the step come from the checkpoint's metadata (ReActNet-A and
-step 2 for released files) and the number of classes from its fc layer; the weights are loaded strictly, so a file that does not fit
-is reported. The counts themselves depend only on the architecture and the image size. At 224x224
-the architecture's figures as its paper reports them are printed below ours.
+With --checkpoint, the network and the image size are those the checkpoint records (its RunSpec;
+ReActNet-A, step 2 and 224 px for released files) and the number of classes that of its fc layer;
+the weights are loaded strictly, so a file that does not fit is reported. Without, they are the
+flags', else the architecture's defaults. The counts themselves depend only on the architecture and
+the image size. At 224x224 the architecture's figures as its paper reports them are printed below
+ours.
 """
 import argparse
 
-from models import ModelSpec, registry
-from models.checkpoint import model_from_checkpoint, title_of
+from models import build_model
+from models.checkpoint import title_of
 from models.ops import BOPS_PER_OP, count_ops
-from utils.cli import OneLineErrorParser, add_arch_flag, require_image_size, require_positive
+from models.registry import get_architecture
+from models.spec import resolve
+from utils.cli import (OneLineErrorParser, add_spec_flags, given_spec, model_for, require_positive,
+                       require_spec)
 from utils.errors import report_user_errors
 
-DEFAULT_NUM_CLASSES = 1000
 COLUMNS = ("layer", "kind", "input", "output", "MACs", "params")
+# The input size at which papers report a network's cost.
+REPORTED_SIZE = 224
 
 
 def build_parser():
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image_size", type=int, default=224, help="side of the square input image")
-    parser.add_argument("--num_classes", type=int, default=None,
-                        help=f"classifier outputs (default: from the checkpoint, else {DEFAULT_NUM_CLASSES})")
-    parser.add_argument("--step", type=int, choices=[1, 2], default=None,
-                        help="1: real weights, 2: binary weights (default: from the checkpoint, else 2)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint file (ours or released)")
-    add_arch_flag(parser, help_default=f"{ModelSpec.arch}; with --checkpoint, the checkpoint's")
+    add_spec_flags(parser, ("arch", "step", "num_classes", "image_size"), "with --checkpoint, the checkpoint's")
     return parser
 
 
-def build_model(args):
-    """The network the flags describe, with the checkpoint's weights when one is given.
-
-    Returns:
-        (model, step).
-    """
+def network(args):
+    """The network the flags describe, with the checkpoint's weights when one is given;
+    ``model.spec`` is its RunSpec."""
     if args.num_classes is not None:
         require_positive({"--num_classes": args.num_classes})
     if args.checkpoint:
-        model, step = model_from_checkpoint(args.checkpoint, args.step)
-    else:
-        step = args.step or 2
-        model = registry.build_model(ModelSpec(arch=args.arch), args.num_classes or DEFAULT_NUM_CLASSES, step == 2)
-    require_image_size(args.image_size, arch=model.spec.arch)
-    return model, step
+        return model_for(args)
+    spec = resolve(given_spec(args))[0]
+    require_spec(spec)
+    return build_model(spec)
 
 
 def format_table(layers):
@@ -83,23 +79,24 @@ def format_totals(counts):
 
 
 def format_reported(architecture):
-    """The paper's BOPs, FLOPs and OPs of ``architecture`` at 224x224, labelled as reported."""
+    """The paper's BOPs, FLOPs and OPs of ``architecture`` at REPORTED_SIZE, labelled as reported."""
     costs = architecture.reported_costs
     return (f"paper:  BOPs {costs['bops']:.3g}, FLOPs {costs['flops']:.3g}, OPs {costs['ops']:.3g} "
-            f"at 224x224 (reported by {costs['source']})")
+            f"at {REPORTED_SIZE}x{REPORTED_SIZE} (reported by {costs['source']})")
 
 
 @report_user_errors
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model, step = build_model(args)
-    counts = count_ops(model, args.image_size)
-    print(f"{title_of(model)}, step {step} ({'binary' if step == 2 else 'real'} weights), "
-          f"{model.fc.out_features} classes, {args.image_size}x{args.image_size} input")
+    model = network(args)
+    spec = model.spec
+    counts = count_ops(model, spec.image_size)
+    print(f"{title_of(model)}, step {spec.step} ({'binary' if spec.binary_weights else 'real'} weights), "
+          f"{spec.num_classes} classes, {spec.image_size}x{spec.image_size} input")
     print(format_table(counts["layers"]))
     print(format_totals(counts))
-    architecture = registry.get_architecture(model.spec.arch)
-    if args.image_size == 224 and step == 2 and architecture.reported_costs:
+    architecture = get_architecture(spec.arch)
+    if spec.image_size == REPORTED_SIZE and spec.binary_weights and architecture.reported_costs:
         print(format_reported(architecture))
     return counts
 

@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from models import RunSpec
 from utils.cli import (MAX_UNREADABLE_SHARE, OneLineErrorParser, add_device_flag, add_workers_flag,
                        require_at_least, require_image_size, require_positive, require_seed,
                        resolve_device, resolve_workers)
 from utils.data import SeededSampler, make_loader, open_split
 from utils.errors import UserError, report_user_errors
+from utils.recipe import ADAMBNN
 from utils.evaluation import UnreadableLimit, evaluate
 from utils.runtime import seed_everything
 
@@ -28,16 +30,16 @@ from utils.runtime import seed_everything
 def build_parser():
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
-    parser.add_argument("--arch", default="resnet34",
-                        help="torchvision classification model name (default resnet34, the steps' "
-                             "default --teacher)")
+    parser.add_argument("--arch", default=ADAMBNN.teacher,
+                        help=f"torchvision classification model name (default {ADAMBNN.teacher}, the "
+                             f"steps' default --teacher)")
     parser.add_argument("--out", required=True, help="file to write the trained weights to")
     parser.add_argument("--epochs", type=int, default=30, help="training epochs")
     parser.add_argument("--batch_size", type=int, default=128, help="images per batch")
     parser.add_argument("--learning_rate", type=float, default=2e-3,
                         help="AdamW peak learning rate, cosine-annealed to zero over the run")
     parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
-    parser.add_argument("--image_size", type=int, default=224,
+    parser.add_argument("--image_size", type=int, default=RunSpec.image_size,
                         help="training crop; use the same value as the steps' --image_size")
     add_workers_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
@@ -97,8 +99,10 @@ def main(argv=None):
     device = resolve_device(args.device)
     seed_everything(args.seed)
 
-    train_set = open_split(args.data, "train", args.image_size)
-    val_set = open_split(args.data, "val", args.image_size,
+    # The published transforms at this size: those of a step run with its defaults.
+    spec = RunSpec(image_size=args.image_size)
+    train_set = open_split(args.data, "train", spec)
+    val_set = open_split(args.data, "val", spec,
                          class_to_idx=train_set.class_to_idx)
     workers = resolve_workers(args.workers)
     pin = device.type == "cuda"

@@ -1,11 +1,13 @@
 """The published transforms, split where the work is cheapest to do.
 
 Training: RandomResizedCrop(size, scale=(0.08, 1)), PCA lighting on the uint8 image, horizontal
-flip, ToTensor, Normalize. Validation: Resize(round(size / 0.875)), CenterCrop(size), ToTensor,
-Normalize. The geometric steps (``crop``) run on a PIL image in a worker, or on a decoded uint8
-tensor on the training device; lighting and normalisation (``lighten``, ``normalise``) run on the
-device, on the whole batch. Each step does the same floating-point operations as the published
-code, so the batch that reaches the model is bit for bit the same.
+flip, ToTensor, Normalize. Validation: Resize(round(size / crop_pct)), CenterCrop(size), ToTensor,
+Normalize. The size, ``crop_pct``, the interpolation of both resizes and the normalisation's mean
+and std are the run's (its RunSpec, models/spec.py); by default the published ones (224, 0.875,
+bilinear, ImageNet's). The geometric steps (``crop``) run on a PIL image in a worker, or on a
+decoded uint8 tensor on the training device; lighting and normalisation (``lighten``,
+``normalise``) run on the device, on the whole batch. Each step does the same floating-point
+operations as the published code, so the batch that reaches the model is bit for bit the same.
 """
 import functools
 from typing import NamedTuple
@@ -13,10 +15,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
 IMAGENET_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                                 [-0.5808, -0.0045, -0.8140],
@@ -24,7 +25,6 @@ IMAGENET_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 LIGHTING_STD = 0.1
-VAL_CROP_SHARE = 0.875  # Resize(256) before CenterCrop(224)
 
 
 class Augmentation(NamedTuple):
@@ -54,18 +54,21 @@ def draw_augmentation(image):
     return Augmentation(box, shift, flip)
 
 
-def crop(image, image_size, augmentation=None):
-    """The geometric transforms: a ``image_size`` square crop, resized with antialiasing.
+def crop(image, spec, augmentation=None):
+    """The geometric transforms: a ``spec.image_size`` square crop, resized with antialiasing by
+    ``spec.interpolation``.
 
     Args:
         image: a PIL RGB image, or a uint8 (3, H, W) tensor.
+        spec: the run's RunSpec.
         augmentation: a training sample's Augmentation (crop box, then flip); None for the
-            validation transform (shorter side to ``round(image_size / 0.875)``, centre crop).
+            validation transform (shorter side to ``round(image_size / crop_pct)``, centre crop).
     """
+    size, interpolation = spec.image_size, InterpolationMode(spec.interpolation)
     if augmentation is None:
-        resized = F.resize(image, round(image_size / VAL_CROP_SHARE), antialias=True)
-        return F.center_crop(resized, image_size)
-    cropped = F.resized_crop(image, *augmentation.box, [image_size, image_size], antialias=True)
+        resized = F.resize(image, round(size / spec.crop_pct), interpolation, antialias=True)
+        return F.center_crop(resized, size)
+    cropped = F.resized_crop(image, *augmentation.box, [size, size], interpolation, antialias=True)
     return F.hflip(cropped) if augmentation.flip else cropped
 
 
@@ -81,15 +84,16 @@ def lighten(images, shifts):
     return shifted.clamp_(0, 255).floor_().float()
 
 
-def normalise(levels):
-    """ToTensor's ``/ 255`` and Normalize's ``(x - mean) / std`` on float32 grey levels, in place."""
-    scale, mean, std = normalisation_constants(levels.device)
+def normalise(levels, spec):
+    """ToTensor's ``/ 255`` and Normalize's ``(x - mean) / std`` (``spec``'s) on float32 grey
+    levels, in place."""
+    scale, mean, std = normalisation_constants(levels.device, spec.mean, spec.std)
     return levels.div_(scale).sub_(mean).div_(std)
 
 
 @functools.lru_cache(maxsize=None)
-def normalisation_constants(device):
-    """255, mean and std as float32 tensors on ``device``.
+def normalisation_constants(device, mean, std):
+    """255, ``mean`` and ``std`` as float32 tensors on ``device``.
 
     On CUDA, dividing by a Python number is done as multiplying by its reciprocal, which can
     differ from the CPU's true division in the last bit; dividing by a tensor on the device is a
@@ -99,4 +103,4 @@ def normalisation_constants(device):
         return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     scale = torch.tensor(255.0, dtype=torch.float32, device=device)
-    return scale, as_channels(IMAGENET_MEAN), as_channels(IMAGENET_STD)
+    return scale, as_channels(mean), as_channels(std)

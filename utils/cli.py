@@ -5,12 +5,14 @@ import os
 
 import torch
 
-from models import ModelSpec
+from models.checkpoint import model_from_checkpoint
 from models.registry import ACT_BINARIZERS, ARCHITECTURES, WEIGHT_BINARIZERS, get_architecture
+from models.spec import INTERPOLATIONS, RunSpec
 
 from .data import CPU_DECODE_SHARE
 from .errors import UserError
 from .pipeline import JPEG_DECODERS
+from .recipe import RECIPES
 
 
 # Unreadable images are skipped; more than this share of the images read so far in an epoch stops it.
@@ -144,7 +146,7 @@ def require_share(flag, value):
         raise UserError(f"{flag} must be in [0, 1), got {value}")
 
 
-def require_image_size(size, flag="--image_size", arch=ModelSpec.arch):
+def require_image_size(size, flag="--image_size", arch=RunSpec.arch):
     """A UserError if the architecture ``arch`` cannot take ``size`` x ``size`` images, or no memory could."""
     require_image_size_in_memory(size, flag)
     architecture = get_architecture(arch)
@@ -161,20 +163,82 @@ def require_image_size_in_memory(size, flag="--image_size"):
                         f"that size already needs gigabytes of activations)")
 
 
-def add_arch_flag(parser, default=ModelSpec.arch, help_default=None):
-    parser.add_argument("--arch", default=default,
-                        help=f"architecture registered in models/ (built in: {', '.join(sorted(ARCHITECTURES))}; "
-                             f"more through BNN_PLUGINS) (default: {help_default or default})")
+# The RunSpec fields (models/spec.py) a command may take as flags: (argparse keywords, help).
+SPEC_FLAGS = {
+    "arch": ({}, "architecture registered in models/ (built in: {arch}; more through BNN_PLUGINS)"),
+    "act_binarizer": ({}, "activation binarizer (built in: {act})"),
+    "weight_binarizer": ({}, "weight binarizer of step 2 (built in: {weight})"),
+    "step": ({"type": int, "choices": [1, 2]}, "1: binary activations and real weights, 2: binary "
+                                               "weights too"),
+    "num_classes": ({"type": int}, "classifier outputs"),
+    "image_size": ({"type": int}, "side of the square images the network takes, in training and "
+                                  "evaluation"),
+    "crop_pct": ({"type": float}, "evaluation resizes the shorter side to round(image_size / "
+                                  "crop_pct), then centre-crops image_size"),
+    "interpolation": ({"choices": INTERPOLATIONS}, "of every resize, training's random crop included"),
+    "mean": ({"type": float, "nargs": 3, "metavar": ("R", "G", "B")},
+             "normalisation: subtracted from the pixels scaled to [0, 1]"),
+    "std": ({"type": float, "nargs": 3, "metavar": ("R", "G", "B")},
+            "normalisation: what the pixels are then divided by"),
+    "recipe": ({"choices": sorted(RECIPES)}, "training recipe whose values the training flags default "
+                                             "to (utils/recipe.py)"),
+}
+# What each command reads these values from when a flag does not name them.
+FROM_CHECKPOINT = "the checkpoint's"
 
 
-def add_model_flags(parser):
-    """``--arch``, ``--act_binarizer``, ``--weight_binarizer`` of the train scripts. They default to
-    None: resolved from the checkpoint when there is one to continue from, else to ModelSpec's."""
-    from_checkpoint = "from the checkpoint resumed or started from, else {}"
-    add_arch_flag(parser, None, from_checkpoint.format(ModelSpec.arch))
-    parser.add_argument("--act_binarizer", default=None,
-                        help=f"activation binarizer (built in: {', '.join(sorted(ACT_BINARIZERS))}; "
-                             f"default: {from_checkpoint.format(ModelSpec.act_binarizer)})")
-    parser.add_argument("--weight_binarizer", default=None,
-                        help=f"weight binarizer of step 2 (built in: {', '.join(sorted(WEIGHT_BINARIZERS))}; "
-                             f"default: {from_checkpoint.format(ModelSpec.weight_binarizer)})")
+def add_spec_flags(parser, names, source=FROM_CHECKPOINT):
+    """Adds the RunSpec flags ``names`` to ``parser``, in SPEC_FLAGS' order. Each defaults to None
+    (not given): the value then comes from ``source`` (say, the checkpoint's; None for a command
+    that reads none), else from the architecture's defaults, else RunSpec's (the published values)."""
+    sources = ([source] if source else []) + ["the architecture's", "the published value"]
+    group = parser.add_argument_group(f"what the run computes (default: {', else '.join(sources)})")
+    known = {"arch": ", ".join(sorted(ARCHITECTURES)), "act": ", ".join(sorted(ACT_BINARIZERS)),
+             "weight": ", ".join(sorted(WEIGHT_BINARIZERS))}
+    for name, (keywords, text) in SPEC_FLAGS.items():
+        if name in names:
+            group.add_argument(f"--{name}", default=None, **keywords,
+                               help=f"{text.format(**known)} (default: {default_text(name)})")
+
+
+def default_text(name):
+    """RunSpec's default of field ``name``, and each registered architecture's own, as help shows them."""
+    own = [f"{arch}: {shown_value(architecture.defaults[name])}"
+           for arch, architecture in sorted(ARCHITECTURES.items()) if name in architecture.defaults]
+    return shown_value(getattr(RunSpec, name)) + (f"; {', '.join(own)}" if own else "")
+
+
+def given_spec(args):
+    """``{field: value}`` of the RunSpec flags in ``args`` (None where not given)."""
+    return {name: getattr(args, name) for name in SPEC_FLAGS if hasattr(args, name)}
+
+
+def describe_overrides(overrides):
+    """One line per flag that overrides what the checkpoint recorded."""
+    return [f"=> --{name} {shown_value(new)} overrides the checkpoint's {shown_value(old)}"
+            for name, (old, new) in overrides.items()]
+
+
+def shown_value(value):
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def require_spec(spec):
+    """A UserError for a RunSpec no run can compute with (from flags or from a checkpoint)."""
+    require_image_size(spec.image_size, arch=spec.arch)
+    if not 0 < spec.crop_pct <= 1:
+        raise UserError(f"--crop_pct must be in (0, 1], got {spec.crop_pct}")
+    if spec.interpolation not in INTERPOLATIONS:
+        raise UserError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {spec.interpolation}")
+    if not all(value > 0 for value in spec.std):
+        raise UserError(f"--std must be positive, got {shown_value(spec.std)}")
+
+
+def model_for(args, log=print):
+    """The model of ``args.checkpoint`` with the RunSpec flags of ``args`` applied (each override
+    logged), its RunSpec checked by ``require_spec``."""
+    model, overrides = model_from_checkpoint(args.checkpoint, given_spec(args))
+    for line in describe_overrides(overrides):
+        log(line)
+    require_spec(model.spec)
+    return model

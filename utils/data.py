@@ -8,7 +8,7 @@ middle of an epoch.
 
 Typical use::
 
-    train_set = open_split(root, "train", image_size, backend)
+    train_set = open_split(root, "train", spec, backend)
     sampler = SeededSampler(len(train_set), seed)
     for batch in make_loader(train_set, sampler, batch_size, workers, pin_memory=True):
         images = batch.to_device(device)  # None when no image of the batch was readable
@@ -46,7 +46,8 @@ class SeededImageFolder(datasets.ImageFolder):
     UnreadableImage instead of raising, so one corrupt JPEG does not end a run.
 
     Args:
-        image_size: the side of the square images the model takes.
+        spec: the run's RunSpec: the size of the square images the model takes, and how they are
+            resized, cropped and normalised.
         backend: ``"pil"`` (decode and crop in the worker) or ``"gpu"`` (decode and crop on the
             training device; see utils/pipeline.py).
         train: the training augmentation if True, else the validation transform.
@@ -57,13 +58,13 @@ class SeededImageFolder(datasets.ImageFolder):
             holds the one chosen (None with ``"pil"``).
     """
 
-    def __init__(self, root, image_size, backend="pil", train=False, cpu_decode_share=CPU_DECODE_SHARE,
+    def __init__(self, root, spec, backend="pil", train=False, cpu_decode_share=CPU_DECODE_SHARE,
                  jpeg_decoder=None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown data backend {backend!r}, expected one of {BACKENDS}")
         self.jpeg_decoder = jpeg_decoder_for(backend, jpeg_decoder)
         super().__init__(root)
-        self.image_size, self.backend, self.train = image_size, backend, train
+        self.spec, self.backend, self.train = spec, backend, train
         self.cpu_decode_share = cpu_decode_share
 
     @staticmethod
@@ -102,9 +103,9 @@ class SeededImageFolder(datasets.ImageFolder):
                 # queue a reseed of the CUDA generators, with a stack trace (0.2 ms a sample).
                 torch.default_generator.manual_seed(seed)
                 if self.backend == "gpu":
-                    return read_for_device(path, target, self.image_size, self.train, self.jpeg_decoder,
+                    return read_for_device(path, target, self.spec, self.train, self.jpeg_decoder,
                                            decoded_by_pil(seed, self.cpu_decode_share))
-                return read_with_pil(path, target, self.image_size, self.train)
+                return read_with_pil(path, target, self.spec, self.train)
         except READ_ERRORS as error:
             return UnreadableImage.from_error(path, error)
 
@@ -133,12 +134,12 @@ def walk_each_folder_once(top, seen):
         yield folder, real, files
 
 
-def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=None,
+def open_split(root, split, spec, backend="pil", train=None, class_to_idx=None,
                num_classes=None, cpu_decode_share=CPU_DECODE_SHARE, jpeg_decoder=None):
     """Opens ``root/split`` as a SeededImageFolder, or raises a UserError that says what is wrong.
 
     Args:
-        image_size: the side of the square images the model takes.
+        spec: the run's RunSpec (models/spec.py): image size, resize, crop and normalisation.
         backend: ``"pil"`` or ``"gpu"``, where images are decoded and cropped.
         train: whether to apply the training augmentation; by default for the ``"train"`` split
             only.
@@ -154,7 +155,7 @@ def open_split(root, split, image_size, backend="pil", train=None, class_to_idx=
         raise UserError(f"no '{split}' folder at {folder}: --data must hold {split}/<class>/<image> "
                         f"(an ImageFolder tree)")
     try:
-        dataset = SeededImageFolder(folder, image_size, backend,
+        dataset = SeededImageFolder(folder, spec, backend,
                                     split == "train" if train is None else train, cpu_decode_share,
                                     jpeg_decoder)
     except FileNotFoundError as e:
@@ -255,7 +256,7 @@ def make_loader(dataset, sampler, batch_size, workers, pin_memory):
     """A DataLoader over a SeededSampler with persistent, prefetching workers; it yields Batches."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=functools.partial(Batch, image_size=dataset.image_size), pin_memory=pin_memory,
+        collate_fn=functools.partial(Batch, spec=dataset.spec), pin_memory=pin_memory,
         drop_last=False, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=ignore_stop_signals)
 

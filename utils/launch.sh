@@ -3,8 +3,7 @@
 
 # The variables are checked before anything starts; a bad one stops the run with one line.
 refuse() { echo "error: $1" >&2; exit 2; }
-for name in DATA BATCH_SIZE OPTIMIZER EPOCHS WEIGHT_DECAY TEACHER IMAGE_SIZE SEED SAVE LOG \
-            NNODES NODE_RANK MASTER_ADDR MASTER_PORT; do
+for name in DATA SEED SAVE LOG NNODES NODE_RANK MASTER_ADDR MASTER_PORT; do
   [ -n "${!name}" ] || refuse "$name is set but empty: give it a value, or unset it for the default"
 done
 for name in BATCH_SIZE EPOCHS IMAGE_SIZE SEED NODE_RANK MASTER_PORT WORKERS NGPUS NNODES; do
@@ -17,14 +16,13 @@ done
   || refuse "MASTER_PORT=$MASTER_PORT is not a TCP port: use one from 1 to 65535 that is free on the first node"
 [ ! -d "$LOG" ] || refuse "LOG=$LOG is a folder: give the file to append the output to"
 
-flags=(--data "$DATA" --batch_size "$BATCH_SIZE" --optimizer "$OPTIMIZER"
-       --epochs "$EPOCHS" --weight_decay "$WEIGHT_DECAY" --teacher "$TEACHER"
-       --image_size "$IMAGE_SIZE" --seed "$SEED" --save "$SAVE")
-# Unset, the rate follows the optimizer, also one named among the extra arguments.
-if [ -n "$LEARNING_RATE" ]; then flags+=(--learning_rate "$LEARNING_RATE"); fi
-if [ -n "$TEACHER_WEIGHTS" ]; then flags+=(--teacher_weights "$TEACHER_WEIGHTS"); fi
-if [ -n "$WORKERS" ]; then flags+=(--workers "$WORKERS"); fi
-if [ -n "${ARCH:-}" ]; then flags+=(--arch "$ARCH"); fi
+flags=(--data "$DATA" --seed "$SEED" --save "$SAVE")
+# An empty variable passes no flag: train.py takes the checkpoint's, the recipe's or the
+# architecture's value (the rate follows the optimizer, also one named among the extra arguments).
+for name in RECIPE ARCH BATCH_SIZE OPTIMIZER LEARNING_RATE EPOCHS WEIGHT_DECAY TEACHER TEACHER_WEIGHTS \
+            IMAGE_SIZE WORKERS; do
+  if [ -n "${!name:-}" ]; then flags+=("--${name,,}" "${!name}"); fi
+done
 flags+=("${STEP_FLAGS[@]}")   # what only this step takes
 
 if [ -z "$NGPUS" ]; then

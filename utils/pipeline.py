@@ -58,14 +58,15 @@ class Sample(NamedTuple):
     jpeg_decoder: Optional[str] = None
 
 
-def read_with_pil(path, target, image_size, train):
-    """Backend ``pil``: the sample decoded, cropped, resized and flipped on the CPU."""
+def read_with_pil(path, target, spec, train):
+    """Backend ``pil``: the sample decoded, cropped, resized and flipped on the CPU, as ``spec`` (the
+    run's RunSpec) says."""
     with open_image(path)[1] as image:
         augmentation = draw_augmentation(image) if train else None
-        return Sample(target, path, augmentation, pixels=pixels_with_pil(image, image_size, augmentation))
+        return Sample(target, path, augmentation, pixels=pixels_with_pil(image, spec, augmentation))
 
 
-def read_for_device(path, target, image_size, train, jpeg_decoder, decode_with_pil=False):
+def read_for_device(path, target, spec, train, jpeg_decoder, decode_with_pil=False):
     """Backend ``gpu``: the file's bytes and its augmentation, drawn from the header alone, for
     ``jpeg_decoder`` (a name in JPEG_DECODERS) to decode on the device.
 
@@ -77,7 +78,7 @@ def read_for_device(path, target, image_size, train, jpeg_decoder, decode_with_p
     if not decode_with_pil and device_decodable(header, data):
         return Sample(target, path, augmentation, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8),
                       jpeg_decoder=jpeg_decoder)
-    return Sample(target, path, augmentation, pixels=pixels_with_pil(header, image_size, augmentation))
+    return Sample(target, path, augmentation, pixels=pixels_with_pil(header, spec, augmentation))
 
 
 def open_image(path):
@@ -108,9 +109,9 @@ def open_image(path):
     return data, header
 
 
-def pixels_with_pil(image, image_size, augmentation):
+def pixels_with_pil(image, spec, augmentation):
     """An opened PIL image decoded to RGB and cropped: uint8 (S, S, 3), read-only."""
-    return np.asarray(crop(image.convert("RGB"), image_size, augmentation))
+    return np.asarray(crop(image.convert("RGB"), spec, augmentation))
 
 
 def device_decodable(header, data):
@@ -139,6 +140,7 @@ class Batch:
     """The samples of a batch, on their way to the training device.
 
     Attributes:
+        spec: the run's RunSpec, which says how images are cropped and normalised.
         target: int64 class indices of the readable samples.
         unreadable: an UnreadableImage per sample that was skipped.
         augmentations: each readable sample's Augmentation (None under the validation transform).
@@ -146,10 +148,10 @@ class Batch:
         jpeg_decoder: the name of the JPEG_DECODERS entry that decodes them; None without JPEGs.
     """
 
-    def __init__(self, samples, image_size):
+    def __init__(self, samples, spec):
         readable = [s for s in samples if not isinstance(s, UnreadableImage)]
         self.unreadable = [s for s in samples if isinstance(s, UnreadableImage)]
-        self.image_size = image_size
+        self.spec = spec
         self.target = torch.tensor([s.target for s in readable], dtype=torch.int64)
         self.paths = [s.path for s in readable]
         self.augmentations = [s.augmentation for s in readable]
@@ -190,8 +192,8 @@ class Batch:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         images = images.contiguous(memory_format=memory_format)
         if self.shifts is None:
-            return normalise(images.float())
-        return normalise(lighten(images, self.shifts.to(device, non_blocking=True)))
+            return normalise(images.float(), self.spec)
+        return normalise(lighten(images, self.shifts.to(device, non_blocking=True)), self.spec)
 
     def decode(self, device):
         """The uint8 images (N, 3, S, S) on ``device``, cropped and flipped, before lighting."""
@@ -233,9 +235,9 @@ class Batch:
         device decoder's error."""
         augmentation = self.augmentations[k]
         if not isinstance(image, DECODE_ERRORS):
-            return crop(image, self.image_size, augmentation)
+            return crop(image, self.spec, augmentation)
         try:
-            pixels = pixels_with_pil(Image.open(io.BytesIO(jpeg.numpy())), self.image_size, augmentation)
+            pixels = pixels_with_pil(Image.open(io.BytesIO(jpeg.numpy())), self.spec, augmentation)
         except READ_ERRORS as error:
             return UnreadableImage.from_error(self.paths[k], error)
         return torch.tensor(pixels, device=device).permute(2, 0, 1)

@@ -11,16 +11,18 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
-from models import ModelSpec, build_model
+from models import build_model
 from models.checkpoint import load_weights, read_checkpoint, title_of
 from models.layers import use_deterministic_pooling
+from models.spec import recorded_fields, resolve
 
-from . import distributed, optim, recipe, run_folder
-from .cli import require_image_size, resolve_workers
+from . import distributed, optim, run_folder
+from .cli import describe_overrides, given_spec, resolve_workers
 from .data import SeededSampler, make_loader, on_device, open_split
 from .distill import build_teacher
 from .errors import UserError, report_user_errors
@@ -31,20 +33,25 @@ from .optim import build_optimizer, build_scheduler
 from .pipeline import describe_jpeg_decoder
 from .runtime import configure_device, seed_everything
 from .signals import StopSignals, Stopped
-from .training_flags import build_parser, fill_defaults, step1_checkpoint, validate
+from .recipe import get_recipe
+from .training_flags import build_parser, fill_defaults, step1_checkpoint, validate, validate_resolved
 from .training_step import NonFiniteLoss, TrainingStep
 
 
-# Flags that say which model is trained: taken from the checkpoint a run resumes (all three) or
-# that step 2 starts from (the architecture, whose weights must fit; the binarizers by default).
-MODEL_FLAGS = ("arch", "act_binarizer", "weight_binarizer")
+# RunSpec fields that no resumed run may change: which model and binarizers it trains, and the
+# recipe its flags follow. Step 2 may change all but the architecture of the step-1 checkpoint it
+# starts from, whose weights must fit.
+FIXED_ON_RESUME = ("arch", "act_binarizer", "weight_binarizer", "recipe")
+FIXED_FROM_STEP1 = ("arch",)
+# What step 2 does not take from the step-1 checkpoint: its own step, and the classes of its data.
+NOT_FROM_STEP1 = ("step", "num_classes")
 
 # Flags whose change makes another experiment: a resume with other values is refused unless asked
 # for. The data backend and the share of JPEGs it leaves to PIL are among them: the device's pixels
 # differ from PIL's by up to a grey level.
 EXPERIMENT_FLAGS = ("learning_rate", "weight_decay", "epochs", "batch_size", "optimizer", "teacher",
-                    "teacher_weights", "image_size", "seed", "data", "data_backend", "cpu_decode_share",
-                    "step1_checkpoint")
+                    "teacher_weights", "image_size", "crop_pct", "interpolation", "mean", "std", "seed",
+                    "data", "data_backend", "cpu_decode_share", "step1_checkpoint")
 # Flags that change only speed or rounding: a resume may change them, and the change is recorded.
 # The others (workers, printing, device...) may change freely between runs.
 SPEED_FLAGS = ("amp", "fused_optimizer", "channels_last", "compile", "deterministic", "jpeg_decoder")
@@ -126,11 +133,11 @@ def describe_changes(changes):
 class TrainingData:
     """The train and val splits, their seeded samplers and loaders, for this process's share."""
 
-    def __init__(self, args, ctx):
+    def __init__(self, args, ctx, spec):
         workers = resolve_workers(args.workers, ctx.local_world_size)
-        self.train_set = open_split(args.data, "train", args.image_size, args.data_backend,
+        self.train_set = open_split(args.data, "train", spec, args.data_backend,
                                     cpu_decode_share=args.cpu_decode_share, jpeg_decoder=args.jpeg_decoder)
-        self.val_set = open_split(args.data, "val", args.image_size, args.data_backend,
+        self.val_set = open_split(args.data, "val", spec, args.data_backend,
                                   class_to_idx=self.train_set.class_to_idx,
                                   cpu_decode_share=args.cpu_decode_share,
                                   jpeg_decoder=self.train_set.jpeg_decoder)
@@ -153,22 +160,22 @@ class Trainer:
         self.args, self.step = args, step
         self.ctx = distributed.init(args.device)
         self.device = self.ctx.device
-        validate(args, self.ctx.world_size)
+        validate(args)
         seed_everything(args.seed)
         self.save_dir, self.folder_lock = run_folder.prepare_run_folder(args.save, self.ctx)
         self.log = run_folder.ConsoleLog(os.path.join(self.save_dir, "log.txt"), self.ctx.is_main)
+        self.resume_path = os.path.join(self.save_dir, run_folder.LAST)
+        self.resume_state = self.start_state = None  # the checkpoints read to resume or start from
+        spec = self.resolve_spec()
+        validate_resolved(args, spec, self.ctx.world_size)
         configure_device(self.device, args.deterministic)
-        self.data = TrainingData(args, self.ctx)
+        self.data = TrainingData(args, self.ctx, spec)
         args.jpeg_decoder = self.data.train_set.jpeg_decoder  # the one chosen, or None with pil
         if args.jpeg_decoder:
             self.log(describe_jpeg_decoder(args.jpeg_decoder))
-        self.num_classes = self.data.num_classes
-
-        self.resume_path = os.path.join(self.save_dir, run_folder.LAST)
-        self.resume_state = self.start_state = None  # the checkpoints read to resume or start from
-        self.spec = self.resolve_spec()
-        require_image_size(args.image_size, arch=self.spec.arch)
-        self.student = build_model(self.spec, self.num_classes, recipe.STEPS[step].binary_weights)
+        self.spec = replace(spec, num_classes=self.data.num_classes)
+        self.num_classes = self.spec.num_classes
+        self.student = build_model(self.spec)
         if args.deterministic and self.device.type == "cuda":
             use_deterministic_pooling(self.student)
         self.student.to(self.device)
@@ -212,6 +219,7 @@ class Trainer:
                 json.dump(self.resolved_args(), f, indent=2)
 
     def resolved_args(self):
+        """The flags as the run uses them, with the rest of its RunSpec: what args.json holds."""
         return dict(vars(self.args), step=self.step, num_classes=self.num_classes,
                     world_size=self.ctx.world_size)
 
@@ -235,13 +243,15 @@ class Trainer:
         return model
 
     def resolve_spec(self):
-        """The model this run trains: the flags in MODEL_FLAGS as given, else as recorded in the
-        checkpoint resumed (or started from), else the defaults; reads that checkpoint once."""
+        """The run's RunSpec (models/spec.py), resolved once: the architecture's defaults, then what
+        the checkpoint resumed (or, for step 2, started from) recorded, then the flags given. Fills
+        the flags with it, and the training flags not given with its recipe's values. Reads that
+        checkpoint once; the number of classes is the data's, set later."""
         args, start_from = self.args, step1_checkpoint(self.args)
-        saved, source, fixed = ModelSpec(), None, ()
+        recorded, source, fixed = {}, None, ()
         if os.path.exists(self.resume_path):
             self.resume_state = read_checkpoint(self.resume_path)
-            saved, source, fixed = ModelSpec.from_checkpoint(self.resume_state), self.resume_path, MODEL_FLAGS
+            recorded, source, fixed = recorded_fields(self.resume_state), self.resume_path, FIXED_ON_RESUME
         elif start_from is not None:
             if not os.path.isfile(start_from):
                 raise UserError(f"no step-1 checkpoint at {start_from}: run step 1 first (bash "
@@ -252,14 +262,23 @@ class Trainer:
                 raise UserError(f"{start_from} was made by step {self.start_state['step']}, not step 1: "
                                 f"pass step 1's model_best.pth.tar as --step1_checkpoint (a step-2 run "
                                 f"folder is continued by passing it as --save)")
-            saved, source, fixed = ModelSpec.from_checkpoint(self.start_state), start_from, ("arch",)
-        for flag in MODEL_FLAGS:
-            given, recorded = getattr(args, flag), getattr(saved, flag)
-            if given is not None and flag in fixed and given != recorded:
-                raise UserError(f"{source} holds a model with --{flag} {recorded}, not {given}: drop "
-                                f"--{flag} to continue it, or pass a new --save")
-            setattr(args, flag, given or recorded)
-        return ModelSpec(**{flag: getattr(args, flag) for flag in MODEL_FLAGS})
+            recorded = {name: value for name, value in recorded_fields(self.start_state).items()
+                        if name not in NOT_FROM_STEP1}
+            source, fixed = start_from, FIXED_FROM_STEP1
+        given = given_spec(args)
+        for name in fixed:
+            if given[name] is not None and name in recorded and given[name] != recorded[name]:
+                raise UserError(f"{source} was trained with --{name} {recorded[name]}, not {given[name]}: "
+                                f"drop --{name} to continue it, or pass a new --save")
+        spec, overrides = resolve(given, recorded)
+        if self.start_state is not None:  # a resumed run reports its changes as changed flags
+            for line in describe_overrides(overrides):
+                self.log(line)
+        for name in given:  # as argparse holds them (lists), so that args.json says the same
+            value = getattr(spec, name)
+            setattr(args, name, list(value) if isinstance(value, tuple) else value)
+        fill_defaults(args, get_recipe(spec.recipe), self.step)
+        return replace(spec, step=self.step)
 
     def restore_or_initialise(self):
         """Resumes the run folder's checkpoint if there is one, else starts step 2 from step 1."""
@@ -279,8 +298,6 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "num_classes": self.num_classes,
             "args": self.resolved_args(),
             "rng": run_folder.rng_state(),
             "initial_signs": self.initial_signs,
@@ -288,7 +305,7 @@ class Trainer:
             "running_sums": {name: [meter.sum, meter.count] for name, meter in self.running.items()}
             if self.iteration else {},
             "inputs": self.inputs,
-            **self.spec.as_dict(),
+            **self.spec.as_dict(),  # the RunSpec, its step and num_classes included
         }
 
     def resume(self, path, state):
@@ -519,8 +536,7 @@ class Trainer:
 def main(step):
     """Entry point of both steps: ``step`` (1 or 2) picks the recipe's row and is recorded in every
     checkpoint, so a run folder is never resumed by the other step."""
-    args = fill_defaults(build_parser(step).parse_args())
-    report_user_errors(train)(args, step)
+    report_user_errors(train)(build_parser(step).parse_args(), step)
 
 
 def train(args, step):

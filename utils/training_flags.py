@@ -1,20 +1,23 @@
 """Command-line flags of step1/train.py and step2/train.py, with their defaults and checks.
 
 Flag names follow the published code (``--data``, ``--batch_size``, ``--learning_rate``...), so
-existing scripts carry over. Defaults come from the recipe (utils/recipe.py).
+existing scripts carry over. The flags of the RunSpec (models/spec.py) default to the checkpoint
+resumed or started from, else the architecture's values; the training flags default to the run's
+recipe (utils/recipe.py). Both are known only once the run folder's checkpoint is read, so the
+parser leaves them None and the trainer fills them in (``fill_defaults``).
 """
 import os
 
-from . import recipe
-from models import ModelSpec
-
-from .cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag, add_jpeg_decoder_flag,
-                  add_model_flags, add_unreadable_flag, add_workers_flag, require_at_least,
-                  require_count, require_image_size, require_positive, require_seed,
-                  require_share)
+from .cli import (OneLineErrorParser, SPEC_FLAGS, add_cpu_decode_share_flag, add_device_flag,
+                  add_jpeg_decoder_flag, add_spec_flags, add_unreadable_flag, add_workers_flag,
+                  require_at_least, require_count, require_image_size_in_memory, require_positive,
+                  require_seed, require_share, require_spec)
 from .data import BACKENDS, require_cpu_decode_share
 from .errors import UserError
+from .recipe import RECIPES, STEP_DESCRIPTIONS
 
+# The RunSpec flags of the train scripts: all but the step (the script's) and the classes (the data's).
+TRAINING_SPEC_FLAGS = tuple(name for name in SPEC_FLAGS if name not in ("step", "num_classes"))
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,29 +29,40 @@ def default_step1_checkpoint():
     return os.path.join(step_dir(1), "models", "model_best.pth.tar")
 
 
+def recipe_default(value):
+    """How help texts show a flag's default from the recipes: ``value(recipe)`` for each."""
+    return "the recipe's (" + ", ".join(f"{name}: {value(r)}" for name, r in RECIPES.items()) + ")"
+
+
+def learning_rates_text(recipe):
+    return " or ".join(f"{rate:g} with {optimizer}" for optimizer, rate in recipe.learning_rates.items())
+
+
 def build_parser(step):
     """The flags of AdamBNN step ``step`` (1 or 2); step 2 adds ``--step1_checkpoint``."""
-    step_recipe = recipe.STEPS[step]
     parser = OneLineErrorParser(
         description=f"AdamBNN step {step}: train a binary network (ReActNet-A by default) with "
-                    f"{step_recipe.description} by distillation from a real-valued teacher.")
+                    f"{STEP_DESCRIPTIONS[step]} by distillation from a real-valued teacher.")
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
-    add_model_flags(parser)
-    parser.add_argument("--batch_size", type=int, default=recipe.BATCH_SIZE,
-                        help="global batch size (all processes)")
-    parser.add_argument("--epochs", type=int, default=recipe.EPOCHS,
-                        help="epochs of this step; the learning rate falls linearly to 0 over them")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help=f"global batch size (all processes) (default: "
+                             f"{recipe_default(lambda r: r.batch_size)})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"epochs of this step; the learning rate falls linearly to 0 over them "
+                             f"(default: {recipe_default(lambda r: r.epochs)})")
     parser.add_argument("--learning_rate", type=float, default=None,
-                        help=f"default: {recipe.LEARNING_RATES['adam']:g} with Adam, "
-                             f"{recipe.LEARNING_RATES['sgd']:g} with SGD")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                        help="Adam (betas 0.9, 0.999; the paper's choice) or SGD with momentum 0.9")
-    parser.add_argument("--weight_decay", type=float, default=step_recipe.weight_decay,
-                        help=f"L2 on conv weights and learnable shifts, as published "
-                             f"(default {step_recipe.weight_decay:g})")
+                        help=f"default: {recipe_default(learning_rates_text)}")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
+                        help=f"Adam (betas 0.9, 0.999; the paper's choice) or SGD with momentum 0.9 "
+                             f"(default: {recipe_default(lambda r: r.optimizer)})")
+    parser.add_argument("--weight_decay", type=float, default=None,
+                        help=f"L2 on conv weights and learnable shifts, as published (default: "
+                             f"{recipe_default(lambda r: f'{r.weight_decays[step]:g}')})")
     parser.add_argument("--save", default=os.path.join(step_dir(step), "models"),
                         help="run folder: checkpoints, log, arguments (default: models/ beside this step)")
-    parser.add_argument("--teacher", default=recipe.TEACHER, help="torchvision model name of the teacher")
+    parser.add_argument("--teacher", default=None,
+                        help=f"torchvision model name of the teacher (default: "
+                             f"{recipe_default(lambda r: r.teacher)})")
     parser.add_argument("--teacher_weights", default=None,
                         help="state_dict file of the teacher (default: torchvision's ImageNet weights)")
     add_workers_flag(parser)
@@ -57,8 +71,6 @@ def build_parser(step):
                              "published pixels) or gpu (JPEGs decoded on the device; see docs/data.md)")
     add_cpu_decode_share_flag(parser)
     add_jpeg_decoder_flag(parser)
-    parser.add_argument("--image_size", type=int, default=224,
-                        help="training crop; validation resizes to round(size/0.875) then centre-crops")
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
     parser.add_argument("--print_freq", type=int, default=1, help="print a progress line every N iterations")
     parser.add_argument("--save_every_iters", type=int, default=0,
@@ -76,8 +88,9 @@ def build_parser(step):
                         help="PyTorch's fused Adam kernel (faster; rounds slightly differently)")
     parser.add_argument("--resume_with_changes", action="store_true",
                         help="resume a run folder although learning rate, weight decay, epochs, batch "
-                             "size, teacher (or its weights' content), image size, seed, data folder "
-                             "or data backend differ from its checkpoint, continuing with the new "
+                             "size, teacher (or its weights' content), image size, crop_pct, "
+                             "interpolation, mean, std, seed, data folder or data backend differ from "
+                             "its checkpoint, continuing with the new "
                              "values (the speed flags --amp, --fused_optimizer, --channels_last, "
                              "--compile, --deterministic and --jpeg_decoder may change without it; "
                              "every change is recorded in the checkpoint's flag_changes)")
@@ -89,37 +102,52 @@ def build_parser(step):
                             help="step-1 weights to start from, loaded strictly "
                                  "(default: step1/models/model_best.pth.tar); 'none' trains from scratch; "
                                  "a resumed run refuses weights other than those it started from")
+    add_spec_flags(parser, TRAINING_SPEC_FLAGS, "on resume the run's checkpoint's" if step == 1 else
+                   "on resume the run's checkpoint's, else the --step1_checkpoint's")
     return parser
 
 
-def fill_defaults(args):
-    """Sets the defaults that depend on other flags (the learning rate follows the optimizer)."""
+def fill_defaults(args, recipe, step):
+    """Sets the training flags not given to ``recipe``'s values for ``step``; the learning rate
+    follows the optimizer."""
+    defaults = {"optimizer": recipe.optimizer, "weight_decay": recipe.weight_decays[step],
+                "epochs": recipe.epochs, "batch_size": recipe.batch_size, "teacher": recipe.teacher}
+    for flag, value in defaults.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     if args.learning_rate is None:
-        args.learning_rate = recipe.LEARNING_RATES[args.optimizer]
+        args.learning_rate = recipe.learning_rates[args.optimizer]
     return args
 
 
-def validate(args, world_size=1):
-    """Raises a UserError for values no run can use, before anything is built."""
-    require_positive({"--batch_size": args.batch_size, "--epochs": args.epochs,
-                      "--learning_rate": args.learning_rate, "--print_freq": args.print_freq})
-    require_count({"--batch_size": args.batch_size, "--epochs": args.epochs, "--print_freq": args.print_freq,
-                   "--save_every_iters": args.save_every_iters})
-    require_at_least(0, {"--weight_decay": args.weight_decay,
-                         "--save_every_iters": args.save_every_iters})
-    if args.workers is not None:
-        require_at_least(0, {"--workers": args.workers})
+def validate(args):
+    """Raises a UserError for values given that no run can use, before anything is built; the
+    values that the checkpoint and the recipe fill in are checked once known (``validate_resolved``)."""
+    given = {flag: value for flag, value in vars(args).items() if value is not None}
+    require_positive({f"--{flag}": given[flag] for flag in ("batch_size", "epochs", "learning_rate",
+                                                            "print_freq") if flag in given})
+    require_count({f"--{flag}": given[flag] for flag in ("batch_size", "epochs", "print_freq", "save_every_iters")
+                   if flag in given})
+    require_at_least(0, {f"--{flag}": given[flag] for flag in ("weight_decay", "save_every_iters", "workers")
+                         if flag in given})
+    if not args.save:
+        raise UserError("--save is empty: name the run folder for checkpoints and logs")
     require_share("--max_unreadable_share", args.max_unreadable_share)
     require_cpu_decode_share(args.cpu_decode_share)
-    require_image_size(args.image_size, arch=args.arch or ModelSpec.arch)
+    if args.image_size is not None:
+        require_image_size_in_memory(args.image_size)
     require_seed(args.seed)
+    if not os.path.isdir(args.data):
+        raise UserError(f"data folder {args.data} does not exist: --data must hold train/ and val/")
+
+
+def validate_resolved(args, spec, world_size=1):
+    """Raises a UserError for a resolved RunSpec no run can compute with, or a global batch that
+    does not divide among the processes."""
+    require_spec(spec)
     if args.batch_size % world_size:
         raise UserError(f"--batch_size {args.batch_size} (the global batch) does not divide among "
                         f"{world_size} processes: use a multiple of {world_size}")
-    if not args.save:
-        raise UserError("--save is empty: name the run folder for checkpoints and logs")
-    if not os.path.isdir(args.data):
-        raise UserError(f"data folder {args.data} does not exist: --data must hold train/ and val/")
 
 
 def step1_checkpoint(args):

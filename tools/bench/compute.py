@@ -8,11 +8,10 @@ import time
 import torch
 import torchvision
 
-from models import ModelSpec, build_model
+from models import RunSpec, build_model
+from models.layers import set_binarizers, use_deterministic_pooling
 from models.ops import trace_layers
-from models.layers import use_deterministic_pooling
-from models.registry import set_binarizers
-from utils import recipe
+from utils.recipe import ADAMBNN
 from utils.monitor import PaperMetrics
 from utils.optim import build_optimizer
 from utils.runtime import set_deterministic, to_device
@@ -46,7 +45,7 @@ class TrainingRun:
             use_deterministic_pooling(self.student)  # as --deterministic trains
         self.teacher = teachers[variant.channels_last, variant.compile]
         self.images = to_device(images, device, variant.channels_last)
-        self.optimizer = build_optimizer(self.student, recipe.LEARNING_RATES["adam"], weight_decay,
+        self.optimizer = build_optimizer(self.student, ADAMBNN.learning_rates["adam"], weight_decay,
                                          variant.fused_adam)
         self.model = torch.compile(self.student) if variant.compile else self.student
         self.model.train()
@@ -117,7 +116,7 @@ class RecipeStepBenchmark:
     def __init__(self, args, step, device, log):
         self.args, self.step, self.device, self.log = args, step, device, log
         torch.manual_seed(args.seed)
-        self.student = build_model(ModelSpec(arch=args.arch), args.num_classes, step == 2).to(device)
+        self.student = build_model(RunSpec(arch=args.arch, num_classes=args.num_classes, step=step)).to(device)
         teacher = torchvision.models.get_model(args.teacher, weights=None, num_classes=args.num_classes)
         teacher = teacher.to(device).eval().requires_grad_(False)
         nhwc = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
@@ -137,7 +136,7 @@ class RecipeStepBenchmark:
         if reason is None:
             self.log(f"step {self.step}: warming up {variant.name}")
             run = TrainingRun(variant, self.student, self.teachers, self.images, self.target,
-                              self.device, recipe.STEPS[self.step].weight_decay)
+                              self.device, ADAMBNN.weight_decays[self.step])
             try:
                 for _ in range(self.args.warmup):
                     run.iteration()

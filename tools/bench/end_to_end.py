@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from models import RunSpec
 from utils.data import SeededSampler, make_loader, on_device, open_split
 
 from .memory import synchronize
@@ -65,8 +66,8 @@ def benchmark_end_to_end(bench, variants, folder, args, log):
     rows = []
     pin = bench.device.type == "cuda"
     for backend, decoder, share in decode_options(args):
-        dataset = open_split(folder, "train", args.image_size, backend, cpu_decode_share=share or 0.0,
-                             jpeg_decoder=decoder)
+        dataset = open_split(folder, "train", RunSpec(arch=args.arch, image_size=args.image_size), backend,
+                             cpu_decode_share=share or 0.0, jpeg_decoder=decoder)
         loader = make_loader(dataset, SeededSampler(len(dataset), args.seed), args.batch_size,
                              args.end_to_end_workers, pin)
         for variant in variants:

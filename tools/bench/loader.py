@@ -1,6 +1,7 @@
 """Images/s of the data pipeline's workers alone, for each backend and worker count."""
 import statistics
 
+from models import RunSpec
 from utils.data import SeededSampler, images_per_second, make_loader, open_split
 
 
@@ -13,7 +14,7 @@ def benchmark_loader(folder, args, log):
     """
     loaders = {}
     for backend in args.backends:
-        dataset = open_split(folder, "train", args.loader_image_size, backend)
+        dataset = open_split(folder, "train", RunSpec(image_size=args.loader_image_size), backend)
         for workers in args.loader_workers:
             loaders[backend, workers] = make_loader(dataset, SeededSampler(len(dataset), args.seed),
                                                     args.batch_size, workers, pin_memory=False)

@@ -5,7 +5,7 @@ import platform
 
 import torch
 
-from models import ModelSpec
+from models import RunSpec
 from models.registry import get_architecture
 
 from .compute import SLOW_FACTOR
@@ -40,7 +40,7 @@ def _ratio(value):
 def render(report):
     """The report as markdown."""
     meta = report["machine"]
-    lines = [f"# {get_architecture(meta.get('arch', ModelSpec.arch)).title} training benchmark",
+    lines = [f"# {get_architecture(meta.get('arch', RunSpec.arch)).title} training benchmark",
              "",
              f"- device: {meta['device']}; torch {meta['torch']}; threads: {meta['threads']}; "
              f"OMP_WAIT_POLICY: {meta['omp_wait_policy']}; freed host memory kept for reuse: "
