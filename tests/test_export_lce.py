@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from conftest import evaluate_args, last_val_line, main_error_line, run_sh, run_tool, succeeded
+from conftest import REPO, evaluate_args, last_val_line, main_error_line, run_sh, run_tool, succeeded
 from models.checkpoint import read_checkpoint
 from models.reactnet import BasicBlock, reactnet
 from tools import export_lce
@@ -374,6 +374,42 @@ def test_broken_environment_reported_with_its_log(demo, tmp_path, capsys):
                         "--image_size", EXPORT_SIZE, "--max_images", 2, "-j", 0, "--lce_env", env)
     assert "LCE conversion failed" in line and str(out / "lce.log") in line
     assert "No module named" in (out / "lce.log").read_text()
+
+
+# --setup_only with another requirements file and import check: argv is REQUIREMENTS LCE_MODULE ENV.
+SETUP_WITH = """
+import sys
+from tools import export_lce
+export_lce.REQUIREMENTS, export_lce.LCE_MODULE = sys.argv[1:3]
+export_lce.main(["--setup_only", "--lce_env", sys.argv[3]])
+"""
+
+
+@pytest.mark.slow
+def test_two_setups_at_once_install_once(tmp_path):
+    """The second waits for the first's lock, then finds the environment ready."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# nothing to install\n")
+    env = tmp_path / "env"
+    command = [sys.executable, "-c", SETUP_WITH, str(requirements), "json", str(env)]
+    runs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    printed = "".join(out for out, _ in outputs)
+    assert printed.count("=> installing") == 1 and printed.count("LCE environment ready") == 2, printed
+    assert (env / "pyvenv.cfg").is_file() and (env / export_lce.STAMP).is_file()
+
+
+def test_environment_is_stamped_only_once_it_imports_lce(tmp_path, capsys, monkeypatch):
+    """An install that leaves LCE unimportable is an error, and the environment stays unstamped."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# nothing to install\n")
+    monkeypatch.setattr(export_lce, "REQUIREMENTS", str(requirements))
+    env = tmp_path / "env"
+    line = expect_error(capsys, "--setup_only", "--lce_env", env)
+    assert f"could not import larq_compute_engine in {env}" in line
+    assert (env / "pyvenv.cfg").is_file() and not (env / export_lce.STAMP).exists()
 
 
 def test_existing_environment_is_reused(lce_env, capsys):

@@ -28,7 +28,9 @@ PyTorch with weights binarised once and against the published forward (weights b
 every call).
 """
 import argparse
+import contextlib
 import copy
+import fcntl
 import hashlib
 import itertools
 import json
@@ -80,6 +82,8 @@ MAX_EXCUSED_SHARE = 0.5
 # Above this share of the images in PyTorch's most frequent class, the top-1 agreement is not
 # evidence (agreement_refusal): a file that ignored its input would agree on as many.
 MAX_TOP_CLASS_SHARE = 90.0
+# The environment is stamped as ready only once its Python imports this.
+LCE_MODULE = "larq_compute_engine"
 # How the LCE environment's Python runs the LCE side, from the repository root.
 CONVERTER = ["-m", "tools.lce.convert"]
 # The converted model, in --out until the checks pass (then model.tflite, else REJECTED).
@@ -90,7 +94,8 @@ def lce_python(env):
     """The Python of the LCE environment at ``env``, created or brought up to date first.
 
     An environment whose stamp matches tools/lce/requirements.txt is reused as it is (no network,
-    no pip); otherwise it is rebuilt from scratch.
+    no pip); otherwise it is rebuilt from scratch, and stamped only once its Python imports LCE.
+    Another process checking or building the same environment is waited for (``environment_lock``).
 
     Raises:
         UserError: ``env`` is something other than a virtual environment, or the install failed.
@@ -99,24 +104,50 @@ def lce_python(env):
     with open(REQUIREMENTS, "rb") as f:
         wanted = hashlib.sha256(f.read()).hexdigest()
     stamp = os.path.join(env, STAMP)
-    if os.path.isfile(python) and os.path.isfile(stamp):
-        with open(stamp) as f:
-            if f.read().strip() == wanted:
-                return python
-    # venv --clear empties the folder: only ever do that to a virtual environment.
-    if os.path.exists(env) and not (os.path.isdir(env) and (
-            not os.listdir(env) or os.path.isfile(os.path.join(env, "pyvenv.cfg")))):
-        raise UserError(f"--lce_env {env} exists and is not a virtual environment: pass another "
-                        f"folder (it is created there)")
-    print(f"=> installing the LCE environment into {env} from {REQUIREMENTS} (about 2.2 GB, "
-          f"a minute or two)", flush=True)
-    _run_install([sys.executable, "-m", "venv", "--clear", env], f"create a virtual environment at {env}")
-    _run_install([python, "-m", "pip", "install", "--disable-pip-version-check", "-q", "-r", REQUIREMENTS],
-                 f"install {REQUIREMENTS} into {env}",
-                 " (TensorFlow 2.16 needs Python 3.9 to 3.12 and access to the package index)")
-    with open(stamp, "w") as f:
-        f.write(wanted + "\n")
+    with environment_lock(env):
+        if os.path.isfile(python) and os.path.isfile(stamp):
+            with open(stamp) as f:
+                if f.read().strip() == wanted:
+                    return python
+        # venv --clear empties the folder: only ever do that to a virtual environment.
+        if os.path.exists(env) and not (os.path.isdir(env) and (
+                not os.listdir(env) or os.path.isfile(os.path.join(env, "pyvenv.cfg")))):
+            raise UserError(f"--lce_env {env} exists and is not a virtual environment: pass another "
+                            f"folder (it is created there)")
+        print(f"=> installing the LCE environment into {env} from {REQUIREMENTS} (about 2.2 GB, "
+              f"a minute or two)", flush=True)
+        _run_install([sys.executable, "-m", "venv", "--clear", env], f"create a virtual environment at {env}")
+        _run_install([python, "-m", "pip", "install", "--disable-pip-version-check", "-q", "-r", REQUIREMENTS],
+                     f"install {REQUIREMENTS} into {env}",
+                     " (TensorFlow 2.16 needs Python 3.9 to 3.12 and access to the package index)")
+        _run_install([python, "-c", f"import {LCE_MODULE}"], f"import {LCE_MODULE} in {env}")
+        with open(stamp + ".tmp", "w") as f:
+            f.write(wanted + "\n")
+        os.replace(stamp + ".tmp", stamp)
     return python
+
+
+@contextlib.contextmanager
+def environment_lock(env):
+    """Holds ``env``.lock, beside the environment (``venv --clear`` empties the folder itself), so
+    that one process at a time checks or builds it. The file stays: removing it would let a
+    waiting process lock a file that a newcomer no longer sees."""
+    path = os.path.normpath(env) + ".lock"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot create the lock file {path} of --lce_env {env} ({e.strerror}): pass "
+                        f"another folder") from None
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"=> waiting for another process that is checking or installing {env}", flush=True)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _run_install(command, what, hint=""):
