@@ -37,7 +37,7 @@ def build_parser():
                         help="autocast precision (default none: fp32)")
     parser.add_argument("--print_freq", type=int, default=10, help="print a progress line every N batches")
     add_unreadable_flag(parser)
-    add_spec_flags(parser, ("arch", "step", "image_size", "crop_pct", "interpolation", "mean", "std"))
+    add_spec_flags(parser, ("arch", "step", "image_size", "crop_pct", "resize_rounding", "interpolation", "mean", "std"))
     return parser
 
 
@@ -58,7 +58,7 @@ def main(argv=None):
     loader = make_loader(dataset, SeededSampler(len(dataset), shuffle=False), args.batch_size,
                          workers, device.type == "cuda")
     print(f"=> evaluating {args.checkpoint} ({title_of(model)}) as step {spec.step} on {len(dataset)} images "
-          f"of {os.path.join(args.data, 'val')} at {spec.image_size} px", flush=True)
+          f"of {os.path.join(args.data, 'val')} ({spec.describe_evaluation()})", flush=True)
     if dataset.jpeg_decoder:
         print(describe_jpeg_decoder(dataset.jpeg_decoder), flush=True)
     return evaluate(model, loader, device, args.amp, print_freq=args.print_freq,

@@ -1,4 +1,4 @@
-"""Reading model weights from our checkpoints and from the authors' released ReActNet-A files."""
+"""Reading model weights from our checkpoints and from the authors' released ReActNet-A and BNext files."""
 import re
 
 import torch
@@ -130,9 +130,10 @@ def load_weights(model, checkpoint, path="checkpoint"):
 def load_checkpoint(model, path):
     """Loads weights into ``model`` strictly from any supported checkpoint file.
 
-    Supported: checkpoints written by this repository; the AdamBNN and ReActNet released files
-    (``nn.DataParallel`` ``module.`` prefixes, ReActNet's flat ``.weights`` tensors); a bare
-    state_dict. Files are read with ``weights_only=True``.
+    Supported: checkpoints written by this repository; the AdamBNN, ReActNet and BNext released
+    files (``nn.DataParallel`` ``module.`` prefixes, ReActNet's flat ``.weights`` tensors, BNext's
+    ``temp`` list and optimizer state beside its ``state_dict``); a bare state_dict. Files are read
+    with ``weights_only=True``.
 
     Args:
         model: a model (unwrapped) whose state_dict the file must match exactly.
@@ -176,7 +177,12 @@ def model_from_checkpoint(path, given=None):
         model = build_model(spec)
     except RegistryError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    load_weights(model, checkpoint, path)
+    try:
+        load_weights(model, checkpoint, path)
+    except CheckpointError as e:
+        if "arch" not in recorded and not (given or {}).get("arch"):  # most likely a released file of another one
+            raise CheckpointError(f"{e}; a file of another architecture needs --arch") from None
+        raise
     return model, overrides
 
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.binarize import binarize_activation, binarize_weight
-from models.registry import get_act_binarizer, get_weight_binarizer
+from models.registry import RegistryError, get_act_binarizer, get_weight_binarizer
 
 
 class LearnableBias(nn.Module):
@@ -81,14 +81,26 @@ def use_deterministic_pooling(model):
 
 
 def set_binarizers(model, act_binarizer, weight_binarizer):
-    """Makes every BinaryActivation and BinaryConv2d of ``model`` use the named binarizers, in place."""
+    """Makes every BinaryActivation and BinaryConv2d of ``model`` use the named binarizers, in place.
+
+    Raises:
+        RegistryError: a tempered binarizer for a model whose binary modules hold no temperature.
+    """
     act, weight = get_act_binarizer(act_binarizer), get_weight_binarizer(weight_binarizer)
     for module in model.modules():
         if isinstance(module, BinaryActivation):
-            module.binarizer = act
+            module.binarizer = fitting(act, module, "--act_binarizer", act_binarizer)
         elif isinstance(module, BinaryConv2d):
-            module.weight_binarizer = weight
+            module.weight_binarizer = fitting(weight, module, "--weight_binarizer", weight_binarizer)
     return model
+
+
+def fitting(binarizer, module, flag, name):
+    """``binarizer``, unless it reads a temperature that ``module`` does not hold."""
+    if getattr(binarizer, "tempered", False) and "temperature" not in module._buffers:
+        raise RegistryError(f"{flag} {name} reads a temperature that the {type(module).__name__} "
+                            f"modules of this architecture do not hold: pick another {flag}")
+    return binarizer
 
 
 def binary_convs(model):

@@ -6,7 +6,15 @@ convolutions are ``BinaryConv2d``, its activation binarizers ``BinaryActivation`
 ``@register_architecture(name, title, downsampling, defaults={...})`` (``defaults``: the RunSpec
 values it trains and evaluates with unless a flag or a checkpoint names others, models/spec.py). A
 binarizer is a differentiable function of one tensor, registered with
-``@register_act_binarizer(name)`` or ``@register_weight_binarizer(name)``.
+``@register_act_binarizer(name)`` or ``@register_weight_binarizer(name)``. A *tempered* binarizer
+(``tempered=True``) is a function ``(x, temperature, training)`` of the tensor, the ``temperature``
+buffer of the module it runs in and that module's training mode; only modules with such a buffer
+(BNext's) take one.
+
+An architecture's module may define two hooks that the training engine calls: ``start_epoch(epoch)``,
+before an epoch trains its first batch (once per epoch: not again when a run resumes inside it),
+and ``epoch_record()``, a dict of numbers recorded with each epoch (metrics.jsonl, TensorBoard and
+the epoch's line in the log).
 
 Where they are found:
 
@@ -79,18 +87,27 @@ def register_architecture(name, title, downsampling=32, reported_costs=None, def
     return decorate
 
 
-def register_act_binarizer(name):
-    """Decorator registering an activation binarizer (a function of the pre-binarization tensor)."""
+def register_act_binarizer(name, tempered=False, saturates_beyond=1.0):
+    """Decorator registering an activation binarizer (a function of the pre-binarization tensor).
+
+    Args:
+        tempered: the function takes ``(x, temperature, training)`` (see the module docstring).
+        saturates_beyond: the ``|x|`` beyond which its surrogate gradient is 0, where the
+            saturation measurement (utils/monitor.py) counts an activation as saturated.
+    """
     def decorate(function):
         _register(ACT_BINARIZERS, "activation binarizer", name, function)
+        function.tempered, function.saturates_beyond = tempered, saturates_beyond
         return function
     return decorate
 
 
-def register_weight_binarizer(name):
-    """Decorator registering a weight binarizer (a function of a conv's latent weight tensor)."""
+def register_weight_binarizer(name, tempered=False):
+    """Decorator registering a weight binarizer (a function of a conv's latent weight tensor;
+    ``tempered``: of ``(weight, temperature, training)``)."""
     def decorate(function):
         _register(WEIGHT_BINARIZERS, "weight binarizer", name, function)
+        function.tempered = tempered
         return function
     return decorate
 

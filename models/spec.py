@@ -13,12 +13,14 @@ Where each field comes from, later sources winning (``resolve``):
 4. the flags given explicitly, each difference from the checkpoint reported as an override.
 """
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 
 from models.layers import set_binarizers
 from models.registry import RegistryError, get_architecture
 
 INTERPOLATIONS = ("bilinear", "bicubic")
+RESIZE_ROUNDINGS = {"round": round, "floor": math.floor}
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class RunSpec:
         crop_pct: evaluation resizes the shorter side to ``round(image_size / crop_pct)`` and
             centre-crops ``image_size``: the share of the resized side that the crop keeps.
         interpolation: of every resize, training's random crop included: one of INTERPOLATIONS.
+        resize_rounding: how ``image_size / crop_pct`` becomes the resized side: ``round`` (this
+            repository's generalisation of the published Resize(256) at 224) or ``floor`` (timm's,
+            as BNext evaluates: 235 at 224 with crop_pct 0.95); one of RESIZE_ROUNDINGS.
         mean: per RGB channel, subtracted from the pixels scaled to [0, 1].
         std: per RGB channel, what the pixels are then divided by.
         num_classes: classifier outputs.
@@ -45,6 +50,7 @@ class RunSpec:
     image_size: int = 224
     crop_pct: float = 0.875  # Resize(256) before CenterCrop(224)
     interpolation: str = "bilinear"
+    resize_rounding: str = "round"
     mean: tuple = (0.485, 0.456, 0.406)  # ImageNet's
     std: tuple = (0.229, 0.224, 0.225)
     num_classes: int = 1000
@@ -55,6 +61,15 @@ class RunSpec:
     def binary_weights(self):
         """Whether the convolutions fed binary activations binarize their weights (step 2)."""
         return self.step == 2
+
+    def resized_side(self):
+        """The side evaluation resizes the shorter side to before its centre crop."""
+        return RESIZE_ROUNDINGS[self.resize_rounding](self.image_size / self.crop_pct)
+
+    def describe_evaluation(self):
+        """The validation transform in words, as the commands print it."""
+        return (f"{self.interpolation} resize of the shorter side to {self.resized_side()}, centre crop "
+                f"{self.image_size}")
 
     def as_dict(self):
         return asdict(self)

@@ -589,7 +589,7 @@ def build_parser():
                         help="validation images read, run and compared at a time (the work folder holds one batch)")
     add_workers_flag(parser)
     add_unreadable_flag(parser)
-    add_spec_flags(parser, ("image_size", "crop_pct", "interpolation", "mean", "std"))
+    add_spec_flags(parser, ("image_size", "crop_pct", "resize_rounding", "interpolation", "mean", "std"))
     return parser
 
 

@@ -56,7 +56,7 @@ def build_parser():
     add_workers_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="fixes the directions and which images are used")
     add_device_flag(parser)
-    add_spec_flags(parser, ("step", "image_size", "crop_pct", "interpolation", "mean", "std"))
+    add_spec_flags(parser, ("step", "image_size", "crop_pct", "resize_rounding", "interpolation", "mean", "std"))
     return parser
 
 

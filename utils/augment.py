@@ -2,7 +2,7 @@
 
 Training: RandomResizedCrop(size, scale=(0.08, 1)), PCA lighting on the uint8 image, horizontal
 flip, ToTensor, Normalize. Validation: Resize(round(size / crop_pct)), CenterCrop(size), ToTensor,
-Normalize. The size, ``crop_pct``, the interpolation of both resizes and the normalisation's mean
+Normalize. The size, ``crop_pct`` and its rounding, the interpolation of both resizes and the normalisation's mean
 and std are the run's (its RunSpec, models/spec.py); by default the published ones (224, 0.875,
 bilinear, ImageNet's). The geometric steps (``crop``) run on a PIL image in a worker, or on a
 decoded uint8 tensor on the training device; lighting and normalisation (``lighten``,
@@ -62,11 +62,11 @@ def crop(image, spec, augmentation=None):
         image: a PIL RGB image, or a uint8 (3, H, W) tensor.
         spec: the run's RunSpec.
         augmentation: a training sample's Augmentation (crop box, then flip); None for the
-            validation transform (shorter side to ``round(image_size / crop_pct)``, centre crop).
+            validation transform (shorter side to ``spec.resized_side()``, centre crop).
     """
     size, interpolation = spec.image_size, InterpolationMode(spec.interpolation)
     if augmentation is None:
-        resized = F.resize(image, round(size / spec.crop_pct), interpolation, antialias=True)
+        resized = F.resize(image, spec.resized_side(), interpolation, antialias=True)
         return F.center_crop(resized, size)
     cropped = F.resized_crop(image, *augmentation.box, [size, size], interpolation, antialias=True)
     return F.hflip(cropped) if augmentation.flip else cropped

@@ -7,7 +7,7 @@ import torch
 
 from models.checkpoint import model_from_checkpoint
 from models.registry import ACT_BINARIZERS, ARCHITECTURES, WEIGHT_BINARIZERS, get_architecture
-from models.spec import INTERPOLATIONS, RunSpec
+from models.spec import INTERPOLATIONS, RESIZE_ROUNDINGS, RunSpec
 
 from .data import CPU_DECODE_SHARE
 from .errors import UserError
@@ -173,8 +173,10 @@ SPEC_FLAGS = {
     "num_classes": ({"type": int}, "classifier outputs"),
     "image_size": ({"type": int}, "side of the square images the network takes, in training and "
                                   "evaluation"),
-    "crop_pct": ({"type": float}, "evaluation resizes the shorter side to round(image_size / "
-                                  "crop_pct), then centre-crops image_size"),
+    "crop_pct": ({"type": float}, "evaluation resizes the shorter side to image_size / crop_pct "
+                                  "(rounded by --resize_rounding), then centre-crops image_size"),
+    "resize_rounding": ({"choices": sorted(RESIZE_ROUNDINGS)}, "round (the published Resize(256) at 224) "
+                                                              "or floor (timm's)"),
     "interpolation": ({"choices": INTERPOLATIONS}, "of every resize, training's random crop included"),
     "mean": ({"type": float, "nargs": 3, "metavar": ("R", "G", "B")},
              "normalisation: subtracted from the pixels scaled to [0, 1]"),
@@ -230,6 +232,9 @@ def require_spec(spec):
         raise UserError(f"--crop_pct must be in (0, 1], got {spec.crop_pct}")
     if spec.interpolation not in INTERPOLATIONS:
         raise UserError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {spec.interpolation}")
+    if spec.resize_rounding not in RESIZE_ROUNDINGS:
+        raise UserError(f"--resize_rounding must be one of {', '.join(sorted(RESIZE_ROUNDINGS))}, got "
+                        f"{spec.resize_rounding}")
     if not all(value > 0 for value in spec.std):
         raise UserError(f"--std must be positive, got {shown_value(spec.std)}")
 

@@ -9,8 +9,9 @@
 - C2I: sign correlation between the current latent weights and those at the start of this step,
   ``1 - 2 * share of signs that differ``. (The paper's printed formula does not reproduce its
   printed values; this correlation does.)
-- Activation saturation: the share of pre-binarization activations with ``|x| > 1``, where the
-  activation's surrogate gradient is zero, per binary conv, on the first batches of each epoch.
+- Activation saturation: the share of pre-binarization activations beyond the limit where the
+  activation binarizer's surrogate gradient is zero (``|x| > 1``; BNext's ``bnext_sign``:
+  ``|x| > 1.5``), per binary conv, on the first batches of each epoch.
   Read where the model's ``activation_inputs()`` says (ReActNet-A: its RSign shifts), else at the
   input of every BinaryActivation module.
 - CAM: the channel-wise absolute mean of each binary conv's latent weights, as histograms, with
@@ -44,6 +45,7 @@ class PaperMetrics:
         self.saturation_batches = saturation_batches
         self.negative = None  # sign bits of the latent weights after the last optimizer step
         self.activation_inputs = activation_inputs(model)
+        self.saturation_limit = saturation_limit(model)
         self.start_epoch()
 
     def start_epoch(self):
@@ -95,6 +97,12 @@ class PaperMetrics:
         }
 
 
+def saturation_limit(model):
+    """The ``|x|`` beyond which the activation binarizer of ``model`` passes no gradient."""
+    binarizer = next(m.binarizer for m in model.modules() if isinstance(m, BinaryActivation))
+    return getattr(binarizer, "saturates_beyond", 1.0)
+
+
 def activation_inputs(model):
     """``(name, module)`` pairs where the activations about to be binarized are read: the output of
     the modules that the model's ``activation_inputs()`` names, else the input of each BinaryActivation."""
@@ -119,7 +127,7 @@ class _SaturationHooks:
         def hook(module, inputs, output):
             values = inputs[0] if isinstance(module, BinaryActivation) else output
             counts = self.metrics.saturated[name]
-            counts[0] += (values.detach().abs() > 1).sum().item()
+            counts[0] += (values.detach().abs() > self.metrics.saturation_limit).sum().item()
             counts[1] += values.numel()
         return hook
 

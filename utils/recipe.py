@@ -27,6 +27,11 @@ class Recipe:
         epochs: the default ``--epochs`` of each step.
         batch_size: the default global ``--batch_size`` (all processes together).
         teacher: the default ``--teacher``, a torchvision model name.
+        steps: the steps (train scripts) it trains in.
+        schedule: its learning-rate schedule, ``linear`` or ``warmup_cosine``
+            (``utils.optim.learning_rate_factor``).
+        groups: how its optimizer splits the parameters for weight decay, ``adambnn`` or ``bnext``
+            (``utils.optim.parameter_groups``).
     """
     name: str
     title: str
@@ -36,6 +41,9 @@ class Recipe:
     epochs: int
     batch_size: int
     teacher: str
+    steps: tuple = (1, 2)
+    schedule: str = "linear"
+    groups: str = "adambnn"
 
 
 RECIPES = {}
@@ -48,12 +56,17 @@ def register_recipe(recipe):
     return recipe
 
 
-def get_recipe(name):
-    """The recipe registered as ``name``; a UserError naming the known ones otherwise."""
+def get_recipe(name, step=None):
+    """The recipe registered as ``name``; a UserError naming the known ones otherwise, or when it
+    does not train in ``step``."""
     if name not in RECIPES:
         raise UserError(f"unknown recipe '{name}' (known: {', '.join(sorted(RECIPES))}): pass one of "
                         f"them as --recipe")
-    return RECIPES[name]
+    recipe = RECIPES[name]
+    if step is not None and step not in recipe.steps:
+        raise UserError(f"--recipe {name} trains in one step, step 2, with binary weights from the start: "
+                        f"run it as RECIPE={name} STEP1_CHECKPOINT=none bash step2/run.sh")
+    return recipe
 
 
 # AdamBNN (Liu et al., ICML 2021): two steps of 256 epochs, Adam at 1.25e-3 for batch 256 (SGD at
@@ -61,3 +74,18 @@ def get_recipe(name):
 ADAMBNN = register_recipe(Recipe(
     name="adambnn", title="AdamBNN", optimizer="adam", learning_rates={"adam": 1.25e-3, "sgd": 0.1},
     weight_decays={1: 5e-6, 2: 0.0}, epochs=256, batch_size=256, teacher="resnet34"))
+
+
+# BNext (Guo et al. 2022), its published one-step recipe: AdamW at 1e-3 for batch 512, 512 epochs;
+# the 4-D parameters and those of the binary convs decay by 1e-8, the others by --weight_decay
+# (1e-3); timm's cosine schedule per epoch, after a 5-epoch linear warm-up from 1e-5, down to 1e-7.
+# Distillation is from this repository's single teacher (--teacher), not BNext's curriculum of
+# several teachers; the augmentation is this repository's, not timm's RandAugment.
+BNEXT_CONV_WEIGHT_DECAY = 1e-8
+BNEXT_WARMUP_EPOCHS = 5
+BNEXT_WARMUP_START_RATE = 1e-5
+BNEXT_FINAL_RATE = 1e-7
+BNEXT = register_recipe(Recipe(
+    name="bnext", title="BNext", optimizer="adamw", learning_rates={"adamw": 1e-3},
+    weight_decays={2: 1e-3}, epochs=512, batch_size=512, teacher="resnet34", steps=(2,),
+    schedule="warmup_cosine", groups="bnext"))

@@ -50,7 +50,7 @@ NOT_FROM_STEP1 = ("step", "num_classes")
 # for. The data backend and the share of JPEGs it leaves to PIL are among them: the device's pixels
 # differ from PIL's by up to a grey level.
 EXPERIMENT_FLAGS = ("learning_rate", "weight_decay", "epochs", "batch_size", "optimizer", "teacher",
-                    "teacher_weights", "image_size", "crop_pct", "interpolation", "mean", "std", "seed",
+                    "teacher_weights", "image_size", "crop_pct", "resize_rounding", "interpolation", "mean", "std", "seed",
                     "data", "data_backend", "cpu_decode_share", "step1_checkpoint")
 # Flags that change only speed or rounding: a resume may change them, and the change is recorded.
 # The others (workers, printing, device...) may change freely between runs.
@@ -181,9 +181,10 @@ class Trainer:
         self.student.to(self.device)
         if args.channels_last:
             self.student.to(memory_format=torch.channels_last)
+        self.recipe = get_recipe(self.spec.recipe, step)
         self.optimizer = build_optimizer(self.student, args.learning_rate, args.weight_decay,
-                                         args.fused_optimizer, args.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, args.epochs)
+                                         args.fused_optimizer, args.optimizer, self.recipe.groups)
+        self.scheduler = build_scheduler(self.optimizer, args.epochs, self.recipe.schedule, args.learning_rate)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         # Below any accuracy, so the first validation always writes model_best.pth.tar.
         self.epoch, self.iteration, self.best_top1 = 0, 0, float("-inf")
@@ -277,7 +278,7 @@ class Trainer:
         for name in given:  # as argparse holds them (lists), so that args.json says the same
             value = getattr(spec, name)
             setattr(args, name, list(value) if isinstance(value, tuple) else value)
-        fill_defaults(args, get_recipe(spec.recipe), self.step)
+        fill_defaults(args, get_recipe(spec.recipe, self.step), self.step)
         return replace(spec, step=self.step)
 
     def restore_or_initialise(self):
@@ -370,7 +371,8 @@ class Trainer:
         schedule had always had them; data, teacher, size, seed and the speed flags are already
         built from the new flags. The change is kept in every later checkpoint and logged."""
         base = self.args.learning_rate
-        rate = base * optim.learning_rate_factor(self.scheduler.last_epoch, self.args.epochs)
+        rate = base * optim.learning_rate_factor(self.scheduler.last_epoch, self.args.epochs,
+                                                 self.recipe.schedule, base)
         self.scheduler.base_lrs = [base] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
             group["initial_lr"], group["lr"] = base, rate
@@ -425,6 +427,8 @@ class Trainer:
             while self.epoch < args.epochs:
                 if self.iteration == 0:
                     self.scheduler.step()
+                    if hasattr(self.student, "start_epoch"):  # the architecture's own schedule
+                        self.student.start_epoch(self.epoch)
                 self.log(f"learning_rate: {self.optimizer.param_groups[0]['lr']}")
                 started = time.time()
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -433,7 +437,8 @@ class Trainer:
                 val = evaluate(self.student, self.data.val_loader, self.device, args.amp,
                                args.channels_last, self.log, args.print_freq, self.ctx,
                                args.max_unreadable_share)
-                record = {"lr": lr, "epoch_time": time.time() - started,
+                model_record = self.student.epoch_record() if hasattr(self.student, "epoch_record") else {}
+                record = {"lr": lr, "epoch_time": time.time() - started, **model_record,
                           **{f"train_{k}": v for k, v in train.items()},
                           **{f"val_{k}": v for k, v in val.items()},
                           **(self.metrics.epoch_summary() if self.metrics else {})}
@@ -444,8 +449,9 @@ class Trainer:
                 self.save(is_best)
                 skipped = (f"; {self.unreadable_count} unreadable training images skipped so far"
                            if self.unreadable_count else "")
+                state = "".join(f"; {name} {value:.6g}" for name, value in model_record.items())
                 self.log(f"=> epoch {self.epoch - 1} done in {time.time() - started:.1f}s; "
-                         f"best acc@1 {self.best_top1:.3f}{skipped}")
+                         f"best acc@1 {self.best_top1:.3f}{state}{skipped}")
                 if stop.requested and self.epoch < args.epochs:
                     raise self.stopped(stop)
 

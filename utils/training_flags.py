@@ -14,7 +14,7 @@ from .cli import (OneLineErrorParser, SPEC_FLAGS, add_cpu_decode_share_flag, add
                   require_seed, require_share, require_spec)
 from .data import BACKENDS, require_cpu_decode_share
 from .errors import UserError
-from .recipe import RECIPES, STEP_DESCRIPTIONS
+from .recipe import BNEXT_CONV_WEIGHT_DECAY, RECIPES, STEP_DESCRIPTIONS
 
 # The RunSpec flags of the train scripts: all but the step (the script's) and the classes (the data's).
 TRAINING_SPEC_FLAGS = tuple(name for name in SPEC_FLAGS if name not in ("step", "num_classes"))
@@ -29,9 +29,11 @@ def default_step1_checkpoint():
     return os.path.join(step_dir(1), "models", "model_best.pth.tar")
 
 
-def recipe_default(value):
-    """How help texts show a flag's default from the recipes: ``value(recipe)`` for each."""
-    return "the recipe's (" + ", ".join(f"{name}: {value(r)}" for name, r in RECIPES.items()) + ")"
+def recipe_default(value, step):
+    """How help texts show a flag's default from the recipes: ``value(recipe)`` for each recipe
+    that trains in ``step``."""
+    return "the recipe's (" + ", ".join(f"{name}: {value(r)}" for name, r in RECIPES.items()
+                                        if step in r.steps) + ")"
 
 
 def learning_rates_text(recipe):
@@ -46,23 +48,27 @@ def build_parser(step):
     parser.add_argument("--data", required=True, help="ImageFolder root holding train/ and val/")
     parser.add_argument("--batch_size", type=int, default=None,
                         help=f"global batch size (all processes) (default: "
-                             f"{recipe_default(lambda r: r.batch_size)})")
+                             f"{recipe_default(lambda r: r.batch_size, step)})")
     parser.add_argument("--epochs", type=int, default=None,
-                        help=f"epochs of this step; the learning rate falls linearly to 0 over them "
-                             f"(default: {recipe_default(lambda r: r.epochs)})")
+                        help=f"epochs of this step; the learning rate falls to 0 over them (adambnn: "
+                             f"linearly; bnext: after a 5-epoch warm-up, along a cosine to 1e-7) "
+                             f"(default: {recipe_default(lambda r: r.epochs, step)})")
     parser.add_argument("--learning_rate", type=float, default=None,
-                        help=f"default: {recipe_default(learning_rates_text)}")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
-                        help=f"Adam (betas 0.9, 0.999; the paper's choice) or SGD with momentum 0.9 "
-                             f"(default: {recipe_default(lambda r: r.optimizer)})")
+                        help=f"default: {recipe_default(learning_rates_text, step)}")
+    parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=None,
+                        help=f"Adam (betas 0.9, 0.999; AdamBNN's choice), AdamW (BNext's) or SGD with "
+                             f"momentum 0.9 "
+                             f"(default: {recipe_default(lambda r: r.optimizer, step)})")
     parser.add_argument("--weight_decay", type=float, default=None,
-                        help=f"L2 on conv weights and learnable shifts, as published (default: "
-                             f"{recipe_default(lambda r: f'{r.weight_decays[step]:g}')})")
+                        help=f"adambnn: L2 on conv weights and learnable shifts, as published; bnext: on "
+                             f"the parameters other than the 4-D ones and the binary convs' (those decay "
+                             f"by {BNEXT_CONV_WEIGHT_DECAY:g}) (default: "
+                             f"{recipe_default(lambda r: f'{r.weight_decays[step]:g}', step)})")
     parser.add_argument("--save", default=os.path.join(step_dir(step), "models"),
                         help="run folder: checkpoints, log, arguments (default: models/ beside this step)")
     parser.add_argument("--teacher", default=None,
                         help=f"torchvision model name of the teacher (default: "
-                             f"{recipe_default(lambda r: r.teacher)})")
+                             f"{recipe_default(lambda r: r.teacher, step)})")
     parser.add_argument("--teacher_weights", default=None,
                         help="state_dict file of the teacher (default: torchvision's ImageNet weights)")
     add_workers_flag(parser)
@@ -110,12 +116,15 @@ def build_parser(step):
 def fill_defaults(args, recipe, step):
     """Sets the training flags not given to ``recipe``'s values for ``step``; the learning rate
     follows the optimizer."""
-    defaults = {"optimizer": recipe.optimizer, "weight_decay": recipe.weight_decays[step],
+    defaults = {"optimizer": recipe.optimizer, "weight_decay": recipe.weight_decays.get(step),
                 "epochs": recipe.epochs, "batch_size": recipe.batch_size, "teacher": recipe.teacher}
     for flag, value in defaults.items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
     if args.learning_rate is None:
+        if args.optimizer not in recipe.learning_rates:
+            raise UserError(f"the {recipe.name} recipe has no learning rate for --optimizer {args.optimizer}: "
+                            f"pass --learning_rate")
         args.learning_rate = recipe.learning_rates[args.optimizer]
     return args
 
