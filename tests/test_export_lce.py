@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import evaluate
 from conftest import (REPO, evaluate_args, last_val_line, main_error_line, run_sh, run_tool, single_error_line,
                       succeeded)
+from models import RunSpec
 from models.checkpoint import read_checkpoint
 from models.reactnet import BasicBlock, reactnet
 from tools import export_lce
@@ -106,7 +107,7 @@ def flip_prone(lce_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("flip_prone")
     data = str(root / "data")
     write_dataset(data, 6, {"train": 0, "val": 20}, 120, seed=0)
-    dataset = open_split(data, "val", EXPORT_SIZE)
+    dataset = open_split(data, "val", RunSpec(image_size=EXPORT_SIZE))
     loader = make_loader(dataset, [(i, 0) for i in range(len(dataset))], 64, 0, False)
     images, labels = zip(*[(x, batch.target) for batch, x in on_device(loader, torch.device("cpu"))])
     images, labels = torch.cat(images), torch.cat(labels)
