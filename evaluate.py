@@ -58,7 +58,8 @@ def main(argv=None):
     loader = make_loader(dataset, SeededSampler(len(dataset), shuffle=False), args.batch_size,
                          workers, device.type == "cuda")
     print(f"=> evaluating {args.checkpoint} ({title_of(model)}) as step {spec.step} on {len(dataset)} images "
-          f"of {os.path.join(args.data, 'val')} ({spec.describe_evaluation()})", flush=True)
+          f"of {os.path.join(args.data, 'val')} at {spec.image_size} px ({spec.describe_evaluation()})",
+          flush=True)
     if dataset.jpeg_decoder:
         print(describe_jpeg_decoder(dataset.jpeg_decoder), flush=True)
     return evaluate(model, loader, device, args.amp, print_freq=args.print_freq,

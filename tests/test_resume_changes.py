@@ -243,7 +243,7 @@ def test_scheduler_and_resume_with_changes_share_one_schedule_function(tiny_data
                                                                         monkeypatch):
     # Another schedule written in the one place: the scheduler and a resume that changes --epochs
     # must both follow it.
-    monkeypatch.setattr(optim, "learning_rate_factor", lambda steps, epochs: 0.5 ** steps / epochs)
+    monkeypatch.setattr(optim, "learning_rate_factor", lambda steps, epochs, *schedule: 0.5 ** steps / epochs)
     flags = [str(a) for a in train_args(tiny_data, teacher_weights, str(tmp_path / "run"), epochs=4)]
     trainer = Trainer(build_parser(1).parse_args(flags), 1)
     trainer.scheduler.step()
