@@ -117,6 +117,7 @@ def printed_loss(output):
     return re.findall(r"Loss (\S+) \(", output)[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, validation", [
     ([], RunSpec(image_size=32, crop_pct=0.95, interpolation="bicubic", resize_rounding="floor")),
     (["--interpolation", "bilinear", "--crop_pct", "0.875"], RunSpec(image_size=32, crop_pct=0.875, interpolation="bilinear", resize_rounding="floor")),

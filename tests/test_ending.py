@@ -45,6 +45,7 @@ def mostly_unreadable(tmp_path):
     return make
 
 
+@pytest.mark.slow
 def test_a_batch_of_one_image_is_one_error_line(tiny_data, teacher_weights, tmp_path):
     # At 32 px the last feature map is 1x1: BatchNorm cannot normalise one image.
     line = one_error_line(run_bounded(step1(tiny_data, teacher_weights, tmp_path, "--batch_size", 1)))
@@ -56,6 +57,7 @@ def test_a_batch_size_beyond_int64_is_one_error_line(tiny_data, teacher_weights,
     assert "--batch_size 9223372036854775808 is beyond the largest count taken" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unreadable, what", [(3, "has 1 readable image"), (4, "has no readable image")])
 def test_a_batch_left_too_small_by_unreadable_files_is_one_error_line(mostly_unreadable, teacher_weights,
                                                                       tmp_path, unreadable, what):
@@ -92,12 +94,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_when_the_log_is_appended_is_one_error_line(tiny_data, teacher_weights, tmp_path):
     command = step1(tiny_data, teacher_weights, tmp_path, "--print_freq", 1)
     line = one_error_line(run_bounded([sys.executable, "-c", FULL_DISK_ON_LOG, *command[1:]]))
     assert f"could not append to {tmp_path / 'log.txt'} (No space left on device)" in line
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_whose_name_is_not_utf8_is_named(tiny_data, teacher_weights, tmp_path):
     data = tmp_path / "data"
     write_image_folder(data, {"train": 4, "val": 2})
@@ -127,6 +131,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_an_exception_in_a_loader_worker_ends_the_run_with_its_traceback(tiny_data, teacher_weights, tmp_path):
     command = step1(tiny_data, teacher_weights, tmp_path)
     result = run_bounded([sys.executable, "-c", FAILING_WORKER, *command[1:]])
@@ -134,6 +139,7 @@ def test_an_exception_in_a_loader_worker_ends_the_run_with_its_traceback(tiny_da
     assert "Traceback" in result.stderr and "RuntimeError: a bug in the worker" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tiny_data, teacher_weights, tmp_path):
     command = step1(tiny_data, teacher_weights, tmp_path, "--epochs", 2)
     stopped = signalled_group([sys.executable, INTERRUPTED_RUN, *command[1:]], "SIGINT", after_step=2,
@@ -144,6 +150,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tiny_data, teacher_weights, t
     assert not (tmp_path / run_folder.LAST).exists()  # no checkpoint was due, none was written
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_teacher_training_is_one_line(tiny_data, tmp_path):
     command = [sys.executable, INTERRUPTED_RUN, os.path.join(REPO, "tools", "train_teacher.py"),
                "--data", tiny_data, "--arch", "resnet18", "--epochs", "2", "--batch_size", "4",
@@ -197,11 +204,13 @@ def killed_leaves_nothing(command, progress):
                 os.killpg(run.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_no_worker_outlives_a_sigkilled_training(tiny_data, teacher_weights, tmp_path):
     command = step1(tiny_data, teacher_weights, tmp_path, "--batch_size", 2, "--print_freq", 1)
     killed_leaves_nothing(command[1:], "Epoch: [0][")
 
 
+@pytest.mark.slow
 def test_no_worker_outlives_a_sigkilled_evaluation(tiny_data, teacher_weights, tmp_path):
     run = run_bounded(step1(tiny_data, teacher_weights, tmp_path, workers=0))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -211,6 +220,7 @@ def test_no_worker_outlives_a_sigkilled_evaluation(tiny_data, teacher_weights, t
     killed_leaves_nothing(command, "Test: [")
 
 
+@pytest.mark.slow
 def test_the_stop_ends_the_iteration_it_arrives_in(tiny_data, teacher_weights, tmp_path):
     # SIGTERM while the student's forward pass of step 3 (iteration 2 of 6) runs: that iteration
     # ends, is saved, and the run stops; none more is trained.
@@ -223,6 +233,7 @@ def test_the_stop_ends_the_iteration_it_arrives_in(tiny_data, teacher_weights, t
     assert (saved["epoch"], saved["iteration"]) == (0, 3)
 
 
+@pytest.mark.slow
 def test_a_removed_lock_file_does_not_let_a_second_run_in(tiny_data, teacher_weights, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO, text=True,
                               stdout=subprocess.PIPE, start_new_session=True)
@@ -292,6 +303,7 @@ def run_sh_command(tmp_path, tiny_data, teacher_weights, processes, port=None):
     return ["bash", "-c", script, "run.sh", "--device", "cpu", "--print_freq", "1"], env, save
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_to_run_sh_alone_stops_the_training_with_143(tiny_data, teacher_weights, tmp_path, processes):
     from test_distributed import free_port
@@ -309,6 +321,7 @@ def test_run_sh_refuses_a_port_that_is_not_one(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: MASTER_PORT=70000 is not a TCP port")
 
 
+@pytest.mark.slow
 def test_a_plugin_that_raises_is_one_error_line(tiny_data, tmp_path):
     for source, expected in [("1 / 0\n", "ZeroDivisionError: division by zero at"),
                              ("def broken(:\n", "SyntaxError: ")]:
