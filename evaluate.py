@@ -10,15 +10,21 @@ given explicitly wins over the checkpoint, and says so.
 import argparse
 import os
 
-from models.checkpoint import title_of
-from utils.cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_device_flag, add_jpeg_decoder_flag,
-                       add_spec_flags, add_unreadable_flag, add_workers_flag, model_for,
+from utils.startup import begin
+
+begin(__name__)  # before the slow imports below: see utils/startup.py
+
+from models.checkpoint import title_of  # noqa: E402
+from utils.cli import (OneLineErrorParser, add_cpu_decode_share_flag, add_data_timeout_flag,  # noqa: E402
+                       add_device_flag, add_jpeg_decoder_flag, add_spec_flags, add_unreadable_flag,
+                       add_workers_flag, model_for, require_at_least, require_count,
                        require_image_size_in_memory, require_positive, require_share, resolve_device,
                        resolve_workers)
-from utils.data import BACKENDS, SeededSampler, make_loader, open_split
-from utils.errors import report_user_errors
-from utils.evaluation import evaluate
-from utils.pipeline import describe_jpeg_decoder
+from utils.data import (BACKENDS, IMAGENET_CLASSES, WNID, SeededSampler, imagenet_synsets,  # noqa: E402
+                        make_loader, open_split, require_classes)
+from utils.errors import UserError, report_user_errors  # noqa: E402
+from utils.evaluation import evaluate  # noqa: E402
+from utils.pipeline import describe_jpeg_decoder  # noqa: E402
 
 
 def build_parser():
@@ -37,14 +43,40 @@ def build_parser():
                         help="autocast precision (default none: fp32)")
     parser.add_argument("--print_freq", type=int, default=10, help="print a progress line every N batches")
     add_unreadable_flag(parser)
+    add_data_timeout_flag(parser)
     add_spec_flags(parser, ("arch", "step", "image_size", "crop_pct", "resize_rounding", "interpolation", "mean", "std"))
     return parser
+
+
+def check_classes(model, classes, folder, path):
+    """A UserError unless ``classes``, the class folders of ``folder`` in label order, are those the
+    checkpoint ``path`` was trained on: its own record, or for a file that records none and
+    predicts 1000 classes (the released ones), ImageNet's synsets in their order. Folders that are
+    not synset IDs cannot be checked against them: a note says so. A checkpoint that records no
+    classes otherwise has only their number checked."""
+    recorded = model.classes
+    if recorded is None and model.spec.num_classes == IMAGENET_CLASSES:
+        if all(WNID.fullmatch(name) for name in classes):
+            recorded, path = imagenet_synsets(), f"{path} (ImageNet's synsets, as it records no classes)"
+        else:
+            odd = next(name for name in classes if not WNID.fullmatch(name))
+            print(f"=> note: {path} records no class names and is taken to predict ImageNet's 1000 "
+                  f"classes in synset order (n01440764 first); the class folders of {folder} are not "
+                  f"synset IDs (e.g. '{odd}'), so their order is not checked: the accuracy holds only "
+                  f"if they sort in that order", flush=True)
+    if recorded is not None:
+        require_classes(recorded, classes, folder, path, "evaluate it on a val/ folder of those classes")
+    elif len(classes) != model.spec.num_classes:
+        raise UserError(f"the model predicts {model.spec.num_classes} classes but {folder} has "
+                        f"{len(classes)} class folders: evaluate it on a val/ folder of its classes")
 
 
 @report_user_errors
 def main(argv=None):
     args = build_parser().parse_args(argv)
     require_positive({"--batch_size": args.batch_size})
+    require_count({"--batch_size": args.batch_size})
+    require_at_least(0, {"--data_timeout": args.data_timeout})
     require_share("--max_unreadable_share", args.max_unreadable_share)
     if args.image_size is not None:
         require_image_size_in_memory(args.image_size)
@@ -53,8 +85,9 @@ def main(argv=None):
     model = model_for(args)
     spec = model.spec
     model.to(device)
-    dataset = open_split(args.data, "val", spec, args.data_backend, num_classes=spec.num_classes,
-                         cpu_decode_share=args.cpu_decode_share, jpeg_decoder=args.jpeg_decoder)
+    dataset = open_split(args.data, "val", spec, args.data_backend, cpu_decode_share=args.cpu_decode_share,
+                         jpeg_decoder=args.jpeg_decoder)
+    check_classes(model, dataset.classes, os.path.join(args.data, "val"), args.checkpoint)
     loader = make_loader(dataset, SeededSampler(len(dataset), shuffle=False), args.batch_size,
                          workers, device.type == "cuda")
     print(f"=> evaluating {args.checkpoint} ({title_of(model)}) as step {spec.step} on {len(dataset)} images "
@@ -63,7 +96,7 @@ def main(argv=None):
     if dataset.jpeg_decoder:
         print(describe_jpeg_decoder(dataset.jpeg_decoder), flush=True)
     return evaluate(model, loader, device, args.amp, print_freq=args.print_freq,
-                    max_unreadable_share=args.max_unreadable_share)
+                    max_unreadable_share=args.max_unreadable_share, timeout=args.data_timeout)
 
 
 if __name__ == "__main__":

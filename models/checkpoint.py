@@ -167,8 +167,10 @@ def model_from_checkpoint(path, given=None):
         given: ``{RunSpec field: value}`` of the flags given explicitly (None: not given).
 
     Returns:
-        ``(model, overrides)``: the model on the CPU in training mode, ``model.spec`` its RunSpec;
-        ``overrides`` as ``models.spec.resolve`` returns them.
+        ``(model, overrides)``: the model on the CPU in training mode, ``model.spec`` its RunSpec,
+        ``model.classes`` the class names the checkpoint records in label order (None where it
+        records none, as the released files and older checkpoints); ``overrides`` as
+        ``models.spec.resolve`` returns them.
     """
     checkpoint = read_checkpoint(path)
     recorded = dict(recorded_fields(checkpoint), num_classes=classes_in(checkpoint, path))
@@ -183,6 +185,8 @@ def model_from_checkpoint(path, given=None):
         if "arch" not in recorded and not (given or {}).get("arch"):  # most likely a released file of another one
             raise CheckpointError(f"{e}; a file of another architecture needs --arch") from None
         raise
+    classes = checkpoint.get("classes")
+    model.classes = list(classes) if isinstance(classes, (list, tuple)) else None
     return model, overrides
 
 

@@ -4,6 +4,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils.startup import begin  # noqa: E402
+
+begin(__name__)  # before the training's imports load torch: see utils/startup.py
+
 from utils.trainer import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -21,15 +21,19 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import torch
+from utils.startup import begin
 
-from models.registry import get_architecture
-from models.spec import resolve
-from utils.cli import OneLineErrorParser, add_spec_flags, given_spec, require_positive
-from utils.errors import UserError, report_user_errors
-from utils.recipe import ADAMBNN
-from utils.run_folder import LAST
-from utils.training_flags import REPO_ROOT
+begin(__name__)  # before the slow imports below: see utils/startup.py
+
+import torch  # noqa: E402
+
+from models.registry import get_architecture  # noqa: E402
+from models.spec import resolve  # noqa: E402
+from utils.cli import OneLineErrorParser, add_spec_flags, given_spec, require_count, require_positive  # noqa: E402
+from utils.errors import UserError, report_user_errors  # noqa: E402
+from utils.recipe import ADAMBNN  # noqa: E402
+from utils.run_folder import LAST  # noqa: E402
+from utils.training_flags import REPO_ROOT  # noqa: E402
 
 def decay_text(weight_decay):
     """``5e-06`` -> ``5e-6``: short enough for folder names and table cells."""
@@ -307,6 +311,8 @@ def main(argv=None):
                       if getattr(args, f"{name}_learning_rate") is not None}
     require_positive({"--epochs": args.epochs,
                       **{f"--{name}_learning_rate": value for name, value in learning_rates.items()}})
+    require_count({f"--{name}": getattr(args, name) for name in ("epochs", "batch_size", "workers")
+                   if getattr(args, name) is not None})
     if not os.path.isdir(args.data):
         raise UserError(f"data folder {args.data} does not exist: --data must hold train/ and val/")
     runs_dir = os.path.join(os.path.abspath(args.out), "runs")

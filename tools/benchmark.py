@@ -48,6 +48,10 @@ import tempfile
 # unless told otherwise before torch loads.
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
+from utils.startup import begin  # noqa: E402
+
+begin(__name__)  # before the slow imports below: see utils/startup.py
+
 import torch  # noqa: E402
 
 from models import RunSpec  # noqa: E402
@@ -58,8 +62,8 @@ from tools.bench.report import device_name, render  # noqa: E402
 from tools.bench.jpeg_folder import write_jpeg_folder  # noqa: E402
 from tools.bench.variants import FLAGS, SPEED_FLAGS, parse_variant  # noqa: E402
 from utils.data import BACKENDS, CPU_DECODE_SHARE, require_cpu_decode_share  # noqa: E402
-from utils.cli import (OneLineErrorParser, add_device_flag, require_at_least, require_image_size,  # noqa: E402
-                       resolve_device, resolve_workers)
+from utils.cli import (OneLineErrorParser, add_device_flag, require_at_least, require_count,  # noqa: E402
+                       require_image_size, resolve_device, resolve_workers)
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.pipeline import JPEG_DECODERS, jpeg_decoder_for  # noqa: E402
 from utils.runtime import keep_freed_host_memory  # noqa: E402
@@ -130,6 +134,8 @@ def main(argv=None):
     """Runs the benchmark, prints the markdown report and returns it as a dict."""
     args = build_parser().parse_args(argv)
     require_at_least(1, {f"--{name}": getattr(args, name) for name in (
+        "steps", "warmup", "repeats", "batch_size", "loader_images", "end_to_end_iterations")})
+    require_count({f"--{name}": getattr(args, name) for name in (
         "steps", "warmup", "repeats", "batch_size", "loader_images", "end_to_end_iterations")})
     require_at_least(0, {"--loader_workers": min(args.loader_workers)})
     require_image_size(args.image_size, arch=args.arch)

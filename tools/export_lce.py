@@ -48,22 +48,27 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from utils.startup import begin
 
-from models.binarize import binarize_weight
-from models.layers import binary_convs, set_binarizers
-from models.reactnet import BasicBlock, Stem
-from models.registry import get_architecture
-from tools.lce.timing import latency_ms
-from utils.cli import (OneLineErrorParser, add_spec_flags, add_unreadable_flag, add_workers_flag,
-                       model_for, require_at_least, require_positive, require_share, resolve_workers)
-from utils.data import make_loader, on_device, open_split
-from utils.errors import UserError, report_user_errors
-from utils.evaluation import UnreadableLimit
-from utils.runtime import keep_freed_host_memory
-from utils.training_flags import REPO_ROOT
+begin(__name__)  # before the slow imports below: see utils/startup.py
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from models.binarize import binarize_weight  # noqa: E402
+from models.layers import binary_convs, set_binarizers  # noqa: E402
+from models.reactnet import BasicBlock, Stem  # noqa: E402
+from models.registry import get_architecture  # noqa: E402
+from tools.lce.timing import latency_ms  # noqa: E402
+from utils.cli import (OneLineErrorParser, add_spec_flags, add_unreadable_flag, add_workers_flag,  # noqa: E402
+                       model_for, require_at_least, require_count, require_positive, require_share,
+                       resolve_workers)
+from utils.data import make_loader, on_device, open_split  # noqa: E402
+from utils.errors import UserError, report_user_errors  # noqa: E402
+from utils.evaluation import UnreadableLimit  # noqa: E402
+from utils.runtime import keep_freed_host_memory  # noqa: E402
+from utils.training_flags import REPO_ROOT  # noqa: E402
 
 REQUIREMENTS = os.path.join(REPO_ROOT, "tools", "lce", "requirements.txt")
 STAMP = "requirements.sha256"  # in the environment: the hash of the requirements it was made from
@@ -608,6 +613,8 @@ def check_args(args):
         check_export_size(args.image_size)
     require_positive({f"--{flag}": getattr(args, flag)
                       for flag in ("part_images", "threads", "bench_runs", "batch_size")})
+    require_count({f"--{flag}": getattr(args, flag)
+                   for flag in ("part_images", "threads", "bench_runs", "batch_size", "max_images")})
     require_at_least(0, {"--max_images": args.max_images, "--sign_eps": args.sign_eps,
                          "--min_agreement": args.min_agreement})
     if args.min_agreement > 100:

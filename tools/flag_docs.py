@@ -13,11 +13,15 @@ import re
 import sys
 from dataclasses import dataclass
 
-import evaluate
-from tools import ablation, benchmark, export_lce, landscape, make_demo_data, summary, train_teacher
-from utils import training_flags
-from utils.cli import OneLineErrorParser
-from utils.errors import UserError, report_user_errors
+from utils.startup import begin
+
+begin(__name__)  # before the slow imports below: see utils/startup.py
+
+import evaluate  # noqa: E402
+from tools import ablation, benchmark, export_lce, landscape, make_demo_data, summary, train_teacher  # noqa: E402
+from utils import training_flags  # noqa: E402
+from utils.cli import OneLineErrorParser  # noqa: E402
+from utils.errors import UserError, report_user_errors  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS_PAGE = os.path.join(REPO_ROOT, "docs", "flags.md")

@@ -25,7 +25,11 @@ import os
 import tempfile
 import time
 
-import matplotlib
+from utils.startup import begin
+
+begin(__name__)  # before the slow imports below: see utils/startup.py
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -36,7 +40,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from utils.cli import (OneLineErrorParser, add_device_flag, add_spec_flags, add_workers_flag,  # noqa: E402
-                       model_for, require_image_size_in_memory, require_positive, require_seed,
+                       model_for, require_count, require_image_size_in_memory, require_positive, require_seed,
                        resolve_device, resolve_workers)
 from utils.data import SeededSampler, make_loader, open_split  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
@@ -66,6 +70,7 @@ def check_args(args):
         raise UserError(f"--points must be odd and at least 3 so that the grid has 0 at its centre, "
                         f"got {args.points}")
     require_positive({"--span": args.span, "--batches": args.batches, "--batch_size": args.batch_size})
+    require_count({"--points": args.points, "--batches": args.batches, "--batch_size": args.batch_size})
     if args.image_size is not None:
         require_image_size_in_memory(args.image_size)
     require_seed(args.seed)

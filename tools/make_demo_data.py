@@ -10,11 +10,15 @@ keep the label. Every image is a function of ``(seed, split, class, index)``.
 """
 import os
 
-import numpy as np
-from PIL import Image
+from utils.startup import begin
 
-from utils.cli import OneLineErrorParser
-from utils.errors import UserError, report_user_errors
+begin(__name__)  # before the slow imports below: see utils/startup.py
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from utils.cli import OneLineErrorParser  # noqa: E402
+from utils.errors import UserError, report_user_errors  # noqa: E402
 
 TEXTURES = ["plain", "hstripes", "checker", "vstripes", "dots", "rings"]
 SPLITS = ["train", "val"]

@@ -16,14 +16,18 @@ ours.
 """
 import argparse
 
-from models import build_model
-from models.checkpoint import title_of
-from models.ops import BOPS_PER_OP, count_ops
-from models.registry import get_architecture
-from models.spec import resolve
-from utils.cli import (OneLineErrorParser, add_spec_flags, given_spec, model_for, require_positive,
+from utils.startup import begin
+
+begin(__name__)  # before the slow imports below: see utils/startup.py
+
+from models import build_model  # noqa: E402
+from models.checkpoint import title_of  # noqa: E402
+from models.ops import BOPS_PER_OP, count_ops  # noqa: E402
+from models.registry import get_architecture  # noqa: E402
+from models.spec import resolve  # noqa: E402
+from utils.cli import (OneLineErrorParser, add_spec_flags, given_spec, model_for, require_positive,  # noqa: E402
                        require_spec)
-from utils.errors import report_user_errors
+from utils.errors import report_user_errors  # noqa: E402
 
 COLUMNS = ("layer", "kind", "input", "output", "MACs", "params")
 # The input size at which papers report a network's cost.

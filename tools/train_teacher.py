@@ -10,21 +10,29 @@ the published augmentation and the validation resize and centre crop.
 import argparse
 import functools
 import os
+import tempfile
 import time
 
-import torch
-import torch.nn.functional as F
-import torchvision
+from utils.startup import begin
 
-from models import RunSpec
-from utils.cli import (MAX_UNREADABLE_SHARE, OneLineErrorParser, add_device_flag, add_workers_flag,
-                       require_at_least, require_image_size, require_positive, require_seed,
-                       resolve_device, resolve_workers)
-from utils.data import SeededSampler, make_loader, open_split
-from utils.errors import UserError, report_user_errors
-from utils.recipe import ADAMBNN
-from utils.evaluation import UnreadableLimit, evaluate
-from utils.runtime import seed_everything
+begin(__name__)  # before the slow imports below: see utils/startup.py
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+
+from models import RunSpec  # noqa: E402
+from utils.cli import (MAX_UNREADABLE_SHARE, OneLineErrorParser, add_data_timeout_flag, add_device_flag,  # noqa: E402
+                       add_workers_flag, require_at_least, require_count, require_image_size,
+                       require_positive, require_seed, resolve_device, resolve_workers)
+from utils.data import SeededSampler, make_loader, on_device, open_split  # noqa: E402
+from utils.errors import UserError, report_user_errors  # noqa: E402
+from utils.recipe import ADAMBNN  # noqa: E402
+from utils.evaluation import UnreadableLimit, evaluate  # noqa: E402
+from utils.run_folder import write_atomically  # noqa: E402
+from utils.runtime import seed_everything  # noqa: E402
+from utils.signals import bounded_waits  # noqa: E402
+from utils.training_step import refusing_a_batch_of_one  # noqa: E402
 
 
 def build_parser():
@@ -43,6 +51,7 @@ def build_parser():
                         help="training crop; use the same value as the steps' --image_size")
     add_workers_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, augmentation and init")
+    add_data_timeout_flag(parser)
     add_device_flag(parser)
     return parser
 
@@ -51,8 +60,9 @@ def check_args(args):
     """Raises a UserError for values no run can use, before any time is spent training."""
     require_positive({"--epochs": args.epochs, "--batch_size": args.batch_size,
                       "--learning_rate": args.learning_rate})
+    require_count({"--epochs": args.epochs, "--batch_size": args.batch_size})
     require_image_size(args.image_size)
-    require_at_least(0, {"--weight_decay": args.weight_decay})
+    require_at_least(0, {"--weight_decay": args.weight_decay, "--data_timeout": args.data_timeout})
     require_seed(args.seed)
     if args.arch not in torchvision.models.list_models(module=torchvision.models):
         raise UserError(f"unknown classification model '{args.arch}': use a torchvision name such "
@@ -69,18 +79,19 @@ def check_args(args):
 log = functools.partial(print, flush=True)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device):
-    """One pass of cross-entropy training; returns the mean loss and acc@1 (in %)."""
+def train_one_epoch(model, loader, optimizer, scheduler, device, epoch, timeout):
+    """One pass of cross-entropy training; returns the mean loss and acc@1 (in %). A batch that
+    takes more than ``timeout`` seconds to come ends it (utils.signals.bounded_waits)."""
     model.train()
     loss_sum, correct, count = 0.0, 0, 0
     limit = UnreadableLimit(MAX_UNREADABLE_SHARE, log, images="training images")
-    for batch in loader:
-        images = batch.to_device(device)
+    for i, (batch, images) in enumerate(bounded_waits(on_device(loader, device), timeout)):
         limit.update(batch.unreadable, len(batch))
         if images is None:
             continue
         target = batch.target.to(device)
-        logits = model(images)
+        with refusing_a_batch_of_one(batch, f"the training batch {i} of epoch {epoch}"):
+            logits = model(images)
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -90,6 +101,31 @@ def train_one_epoch(model, loader, optimizer, scheduler, device):
         correct += (logits.argmax(dim=1) == target).sum().item()
         count += len(target)
     return loss_sum / max(count, 1), 100 * correct / max(count, 1)
+
+
+def save(state, out):
+    """Writes ``state`` to ``out`` atomically: ``out`` is whole, or as it was (never a partial file).
+    Where that fails (a full disk), the trained weights go to a file of the system's temporary
+    folder instead (TMPDIR), and the UserError names it; where that fails too, it says that nothing
+    was written."""
+    try:
+        write_atomically(out, lambda tmp: torch.save(state, tmp))
+        return
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    fallback = None
+    try:
+        descriptor, fallback = tempfile.mkstemp(prefix="teacher-", suffix=".pth")
+        os.close(descriptor)
+        torch.save(state, fallback)
+    except (OSError, RuntimeError):
+        if fallback is not None and os.path.exists(fallback):
+            os.remove(fallback)
+        raise UserError(f"could not write --out {out} ({reason}), nor a copy in {tempfile.gettempdir()}: "
+                        f"nothing was written, and the trained weights are lost; free disk space (or "
+                        f"set TMPDIR to a folder with space) and train again") from None
+    raise UserError(f"could not write --out {out} ({reason}); the trained weights are saved in "
+                    f"{fallback} instead: move them there once it can take them (mv {fallback} {out})")
 
 
 @report_user_errors
@@ -123,15 +159,16 @@ def main(argv=None):
     for epoch in range(args.epochs):
         started = time.time()
         train_sampler.set_epoch(epoch)
-        loss, train_top1 = train_one_epoch(model, train_loader, optimizer, scheduler, device)
-        metrics = evaluate(model, val_loader, device, log=lambda _: None)
+        loss, train_top1 = train_one_epoch(model, train_loader, optimizer, scheduler, device, epoch,
+                                           args.data_timeout)
+        metrics = evaluate(model, val_loader, device, log=lambda _: None, timeout=args.data_timeout)
         log(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.3f} acc@1 {train_top1:.2f}, "
             f"val acc@1 {metrics['top1']:.2f} acc@5 {metrics['top5']:.2f} "
             f"({time.time() - started:.1f}s)")
 
-    # Metadata rides along; --teacher_weights reads only the state_dict entry.
-    torch.save({"state_dict": model.state_dict(), "arch": args.arch, "classes": train_set.classes,
-                "val_top1": metrics["top1"]}, args.out)
+    # Metadata rides along; --teacher_weights reads the state_dict entry, and checks the classes.
+    save({"state_dict": model.state_dict(), "arch": args.arch, "classes": train_set.classes,
+          "val_top1": metrics["top1"]}, args.out)
     log(f"=> saved {args.arch} weights to {args.out} (val acc@1 {metrics['top1']:.2f}); use them "
         f"with --teacher {args.arch} --teacher_weights {args.out}")
 

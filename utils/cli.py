@@ -13,6 +13,7 @@ from .data import CPU_DECODE_SHARE
 from .errors import UserError
 from .pipeline import JPEG_DECODERS
 from .recipe import RECIPES
+from .signals import DATA_TIMEOUT
 
 
 # Unreadable images are skipped; more than this share of the images read so far in an epoch stops it.
@@ -124,6 +125,15 @@ def add_unreadable_flag(parser):
                              f"more than this share of the images read so far in the epoch (summed "
                              f"over processes, not per batch) is unreadable and more than "
                              f"{UNREADABLE_FLOOR} are; 0 stops at the first")
+
+
+def add_data_timeout_flag(parser, saves=False):
+    """``--data_timeout``; ``saves``: the command saves its last finished iteration first."""
+    then = ", after saving the last finished iteration" if saves else ""
+    parser.add_argument("--data_timeout", type=float, default=DATA_TIMEOUT,
+                        help=f"seconds a batch may take to come from the data loader before the run ends "
+                             f"with an error naming the stall{then} (a loader worker stuck in a read "
+                             f"from a hung network mount would hold it forever); 0 waits forever")
 
 
 def add_cpu_decode_share_flag(parser):

@@ -20,6 +20,8 @@ import functools
 import math
 import os
 import queue
+import re
+import resource
 import signal
 import threading
 import time
@@ -29,6 +31,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import has_file_allowed_extension
 
 from .errors import UserError
+from .signals import DataStopped, StopSignals
 from .pipeline import (BACKENDS, READ_ERRORS, Batch, UnreadableImage, jpeg_decoder_for, read_for_device,
                        read_with_pil)
 
@@ -174,6 +177,39 @@ def open_split(root, split, spec, backend="pil", train=None, class_to_idx=None,
     return dataset
 
 
+def require_classes(recorded, found, folder, source, fix):
+    """A UserError unless ``found``, the class names of ``folder`` in label order, are ``recorded``,
+    those ``source`` (a checkpoint, a teacher) was trained on: label k would otherwise mean another
+    class to the model than to the data, and every accuracy and gradient would be silently wrong.
+
+    The line names the first position that differs, what each side has there, and ``fix``.
+    """
+    recorded, found = list(recorded), list(found)
+    if recorded == found:
+        return
+    k = next(i for i in range(max(len(recorded), len(found)))
+             if i >= len(recorded) or i >= len(found) or recorded[i] != found[i])
+    there = f"'{recorded[k]}'" if k < len(recorded) else "none"
+    here = f"'{found[k]}'" if k < len(found) else "none"
+    counts = (f" ({len(found)} classes here, {len(recorded)} classes there)"
+              if len(found) != len(recorded) else "")
+    missing = [name for name in recorded if name not in found]
+    detail = f"; '{missing[0]}' has no class folder here" if missing else ""
+    raise UserError(f"the class folders of {folder} are not the classes {source} was trained on, in "
+                    f"label order{counts}: class {k} is {there} there but {here} here{detail}; {fix}")
+
+
+# A WordNet ID, as ImageNet names its class folders (n01440764).
+WNID = re.compile(r"n\d{8}")
+IMAGENET_CLASSES = 1000
+
+
+def imagenet_synsets():
+    """ImageNet-1k's WordNet IDs in label order (sorted: n01440764 first), as timm lists them."""
+    from timm.data import ImageNetInfo
+    return list(ImageNetInfo().label_names())
+
+
 def require_cpu_decode_share(share, flag="--cpu_decode_share"):
     """A UserError unless ``0 <= share <= 1``."""
     if not 0 <= share <= 1:
@@ -229,7 +265,7 @@ class SeededSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start
 
     def __len__(self):
-        return self.share_size() - self.start
+        return max(0, self.share_size() - self.start)
 
     def share_size(self):
         if not self.shuffle:
@@ -261,8 +297,68 @@ def make_loader(dataset, sampler, batch_size, workers, pin_memory):
         worker_init_fn=ignore_stop_signals)
 
 
+def start(loader):
+    """``iter(loader)``, which starts its workers the first time (they persist), made to end well.
+
+    A system that refuses the workers (the per-user process limit, ``ulimit -u``) is a UserError
+    naming the limit. And a worker that dies (the out-of-memory killer) is noticed while the run
+    waits for a batch, as a RuntimeError from the loader, never in the middle of a training step:
+    the loader's own SIGCHLD handler, which would raise wherever the main thread happens to be (in
+    an optimizer step, leaving half the weights updated), is taken out.
+    """
+    try:
+        batches = iter(loader)
+    except (OSError, RuntimeError) as error:
+        if not (isinstance(error, BlockingIOError) or "can't start new thread" in str(error)):
+            raise
+        # The loader's half-built iterator would fail again, and print it, as it is freed: the
+        # workers it started end with this process (utils.errors.end_child_processes).
+        frame = error.__traceback__
+        while frame is not None:
+            half_built = frame.tb_frame.f_locals.get("self")
+            if isinstance(half_built, torch.utils.data.dataloader._MultiProcessingDataLoaderIter):
+                half_built._shutdown = True
+            frame = frame.tb_next
+        soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else soft
+        raise UserError(f"the system refused to start the data loader's {loader.num_workers} worker "
+                        f"processes ({error}; this user may run at most {limit} processes and threads, "
+                        f"ulimit -u): pass a smaller --workers") from None
+    if loader.num_workers and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return batches
+
+
+# A loader worker that died, as the loader reports it once the run waits for its batch.
+WORKER_DIED = re.compile(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly")
+
+
+class WorkerDied(DataStopped):
+    """A loader worker ended while the run was waiting for its batch."""
+
+    def __init__(self, pids):
+        super().__init__(f"a data-loading worker (process {pids}) ended unexpectedly, most likely "
+                         f"killed by the kernel's out-of-memory killer (see dmesg)",
+                         "if memory is short, use fewer --workers or a smaller --batch_size")
+
+
+def arrived(batches):
+    """The items of ``batches`` (a loader's iterator), a worker's death reported as WorkerDied."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            died = WORKER_DIED.search(str(error))
+            if died is None:
+                raise
+            raise WorkerDied(died.group(1)) from None
+        yield batch
+
+
 def ignore_stop_signals(worker_id):
-    """Prepares a loader worker: it ignores SIGTERM and SIGINT and dies with its parent.
+    """Prepares a loader worker: it ignores the stop signals and dies with its parent.
 
     A cluster scheduler (and Ctrl-C) signals every process of the job, the workers included; a worker
     that died of it would take the main process down before it saved. The main process alone decides
@@ -270,8 +366,8 @@ def ignore_stop_signals(worker_id):
     (``utils.errors.end_child_processes``). If it is killed instead (SIGKILL, the OOM killer), nothing
     of it runs any more: the kernel's parent-death signal ends the workers then.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in StopSignals.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     die_with_parent()
 
 
@@ -298,6 +394,7 @@ def die_with_parent():
 
 def on_device(loader, device, channels_last=False, ahead=None):
     """Yields ``(batch, images)`` for each Batch of ``loader``, with ``images = batch.to_device(...)``.
+    A loader worker that died is reported as WorkerDied once its batch is waited for (``start``).
 
     With ``ahead`` (the default on CUDA), a thread prepares the next batch while the caller trains
     on this one: on a GPU it decodes, lights and normalises on a stream of its own, so that work
@@ -305,12 +402,12 @@ def on_device(loader, device, channels_last=False, ahead=None):
     either way.
     """
     if not (device.type == "cuda" if ahead is None else ahead):
-        for batch in loader:
+        for batch in arrived(start(loader)):
             yield batch, batch.to_device(device, channels_last)
         return
     ready, stop = queue.Queue(maxsize=1), threading.Event()
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    batches = iter(loader)  # here: workers started from the thread would die with it (die_with_parent)
+    batches = arrived(start(loader))  # here: workers started from the thread would die with it (die_with_parent)
 
     def prepare():
         try:
@@ -341,7 +438,13 @@ def on_device(loader, device, channels_last=False, ahead=None):
         stop.set()
         with contextlib.suppress(queue.Empty):
             ready.get_nowait()  # unblocks a hand-over in progress
-        thread.join()
+        # A thread waiting for a batch that never comes (a stuck worker) is left behind: what
+        # leaves early is a run that ends.
+        thread.join(timeout=JOIN_TIMEOUT)
+
+
+# How long leaving ``on_device`` early waits for the batch its thread is preparing.
+JOIN_TIMEOUT = 10
 
 
 def hand_over(ready, stop, item):
@@ -362,7 +465,7 @@ def images_per_second(loader, epoch, device=None):
     """
     loader.sampler.set_epoch(epoch)
     started, count = time.perf_counter(), 0
-    for batch in loader:
+    for batch in start(loader):
         if device is not None:
             batch.to_device(device)
         count += len(batch)

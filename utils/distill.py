@@ -4,6 +4,7 @@ import torchvision
 
 from models.checkpoint import extract_state_dict, read_checkpoint
 
+from .data import require_classes
 from .errors import UserError
 
 
@@ -19,7 +20,7 @@ def distillation_loss(student_logits, teacher_logits):
     return -(teacher_probs * F.log_softmax(student_logits.float(), dim=1)).sum(dim=1).mean()
 
 
-def build_teacher(arch, num_classes, weights_path=None):
+def build_teacher(arch, num_classes, weights_path=None, classes=None, folder="the data"):
     """A frozen torchvision classifier in eval mode.
 
     Args:
@@ -28,6 +29,9 @@ def build_teacher(arch, num_classes, weights_path=None):
         weights_path: a state_dict file (or a dict holding one under ``state_dict``) for ``arch``
             with ``num_classes`` outputs. Without it, torchvision's default ImageNet weights are
             used (downloaded once into torch's cache), which requires 1000 classes.
+        classes: the dataset's class names in label order, which a weights file that records its
+            own (tools.train_teacher's) must list the same (``check_teacher_classes``).
+        folder: where the dataset's classes were read, for the error message.
     """
     try:
         builder = torchvision.models.get_model_builder(arch)
@@ -47,7 +51,10 @@ def build_teacher(arch, num_classes, weights_path=None):
                             f"--teacher_weights PATH") from None
     else:
         teacher = builder(weights=None, num_classes=num_classes)
-        state_dict = extract_state_dict(read_checkpoint(weights_path), weights_path)
+        checkpoint = read_checkpoint(weights_path)
+        if classes is not None:
+            check_teacher_classes(checkpoint, weights_path, classes, folder)
+        state_dict = extract_state_dict(checkpoint, weights_path)
         expected = teacher.state_dict()
         classes = _output_classes(state_dict)
         if classes is not None and classes != num_classes:
@@ -68,6 +75,17 @@ def build_teacher(arch, num_classes, weights_path=None):
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def check_teacher_classes(checkpoint, path, classes, folder):
+    """A UserError where the teacher file ``checkpoint`` (read from ``path``) records class names
+    (tools.train_teacher writes them) other than ``classes``, those of ``folder`` in label order:
+    the student would learn the teacher's class k as its own class k. A bare state_dict records
+    none and is not checked."""
+    if isinstance(checkpoint.get("classes"), (list, tuple)):
+        require_classes(checkpoint["classes"], classes, folder, f"the teacher {path}",
+                        "pass --teacher_weights of a teacher trained on this data (python -m "
+                        "tools.train_teacher), or the --data it was trained on")
 
 
 def _output_classes(state_dict):

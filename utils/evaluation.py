@@ -11,17 +11,21 @@ from .data import on_device
 from .errors import UserError
 from .meters import Meters, ProgressMeter, Totals, topk_correct
 from .runtime import autocast
+from .signals import DATA_TIMEOUT, bounded_waits
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, amp="none", channels_last=False, log=print, print_freq=0,
-             ctx=None, max_unreadable_share=MAX_UNREADABLE_SHARE):
+             ctx=None, max_unreadable_share=MAX_UNREADABLE_SHARE, stop=None, timeout=DATA_TIMEOUT):
     """Cross-entropy, acc@1 and acc@5 (in %) on the true labels over the whole loader.
 
     Under DDP each rank evaluates its own part of the set and the sums are added over ranks, so
     every sample counts exactly once. Prints the published summary `` * acc@1 X acc@5 Y``, then,
     if any image could not be read, how many were left out of it. Unreadable images are skipped
     with a warning; more than ``max_unreadable_share`` of them stop the evaluation (UnreadableLimit).
+    A batch that takes more than ``timeout`` seconds to come raises DataStalled, and with ``stop``
+    (training's StopSignals) a stop signal during a wait raises StopWhileWaiting
+    (``utils.signals.bounded_waits``).
     """
     model.eval()
     totals = Totals(("loss", "correct1", "correct5", "readable", "unreadable"), device)
@@ -30,7 +34,8 @@ def evaluate(model, loader, device, amp="none", channels_last=False, log=print, 
     progress = ProgressMeter(len(loader), meters, prefix="Test: ")
     end = time.time()
     limit = UnreadableLimit(max_unreadable_share, log, ctx, "validation images")
-    for i, (batch, images) in enumerate(on_device(loader, device, channels_last)):
+    batches = bounded_waits(on_device(loader, device, channels_last), timeout, stop)
+    for i, (batch, images) in enumerate(batches):
         limit.update(batch.unreadable, len(batch))
         totals.add("unreadable", len(batch.unreadable))
         if images is None:

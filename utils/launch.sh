@@ -28,20 +28,40 @@ flags+=("${STEP_FLAGS[@]}")   # what only this step takes
 if [ -z "$NGPUS" ]; then
   NGPUS=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "$NGPUS" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
-  launcher=(torchrun --nnodes "$NNODES" --nproc_per_node "$NGPUS" --node_rank "$NODE_RANK"
+  # The first node serves the rendezvous on MASTER_PORT: one that is taken would end torchrun in a
+  # long traceback, so it is tried here first.
+  if [ "$NODE_RANK" -eq 0 ]; then
+    taken=$(python -c 'import socket, sys
+with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("", int(sys.argv[1])))
+    except OSError as e:
+        print(e.strerror)' "$MASTER_PORT")
+    [ -z "$taken" ] || refuse "MASTER_PORT=$MASTER_PORT cannot be used on this node, the first \
+($taken): another job or a run still ending holds it; pick a free port, e.g. \
+MASTER_PORT=$((MASTER_PORT % 65535 + 1)), the same on every node"
+  fi
+  # torchrun runs through utils/startup.py so that it ends with this script, and passes every stop
+  # below on to its processes (by default it would die of SIGUSR1 and SIGUSR2).
+  launcher=(env TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2
+            python -c 'import sys; sys.path.insert(0, sys.argv.pop(1))
+from utils.startup import run_torchrun; run_torchrun()' "$REPO" --nnodes "$NNODES" --nproc_per_node "$NGPUS" --node_rank "$NODE_RANK"
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 else
   launcher=(python)
 fi
 
-# Stops. train.py saves a checkpoint on SIGTERM or SIGINT and exits with 128 + the signal's number
-# (a second SIGINT stops it at once). It runs in a process group of its own, and this script passes
-# each stop on to it exactly once, however the stop arrives: to the job's whole process group
-# (Ctrl-C, killpg), or to this shell alone (sbatch --signal=B:TERM, kill PID). A hang-up (the
-# terminal closed) stops it as SIGTERM would. This script then exits with the training's status.
-# torchrun passes the signal on to its processes but exits 1 itself; the run's own log says
-# whether they stopped and saved.
+# Stops. train.py saves a checkpoint on SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 and exits with 128 +
+# the signal's number (a second SIGINT stops it at once). It runs in a process group of its own, and
+# this script passes each stop on to it exactly once, however the stop arrives: to the job's whole
+# process group (Ctrl-C, killpg), or to this shell alone (sbatch --signal=B:USR1@T, kill PID). A
+# hang-up (the terminal closed) stops it as SIGTERM would. This script then exits with the
+# training's status. torchrun passes the signal on to its processes but exits 1 itself; the run's
+# own log says whether they stopped and saved. If this script is killed outright (SIGKILL), the
+# training gets SIGTERM from the kernel (utils/startup.py) and stops the same way.
 set -m
 signalled=0
 pid=""
@@ -52,6 +72,9 @@ forward() {
 trap 'forward 143 TERM' TERM
 trap 'forward 130 INT' INT
 trap 'forward 129 TERM' HUP
+trap 'forward 138 USR1' USR1
+trap 'forward 140 USR2' USR2
+export BNN_LAUNCHER_PID=$$
 # The log goes beside the checkpoints (tee ignores the stops so that the last lines still reach it);
 # if that folder cannot be made, train.py says why.
 if mkdir -p "$(dirname "$LOG")" 2>/dev/null && touch "$LOG" 2>/dev/null; then

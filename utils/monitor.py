@@ -29,7 +29,7 @@ import torch
 
 from models.layers import BinaryActivation, binary_convs
 
-from .errors import UserError
+from .run_folder import last_checkpoint, write_failed
 
 
 def sign_int8(weight):
@@ -189,9 +189,8 @@ class MetricsLog:
         try:
             yield
         except OSError as e:
-            raise UserError(f"could not write the metrics in {self.folder} ({e.strerror or e}); the "
-                            f"last checkpoint there is intact: free disk space or pass another "
-                            f"--save, then run the same command") from None
+            raise write_failed(f"could not write the metrics in {self.folder}", self.folder, e,
+                               last_checkpoint(self.folder)) from None
 
     def iteration(self, step, values):
         if self.writer:

@@ -30,6 +30,10 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag; its value 1 means the pixels are stor
 # Far above any photograph (ImageNet's largest JPEG is under 16 MB); a bigger "image" is read as
 # unreadable instead of filling a worker's memory.
 MAX_FILE_BYTES = 256 * 2**20
+# The most pixels the geometric transform may make of one image: as many as PIL decodes by default
+# (Image.MAX_IMAGE_PIXELS, 268 MB of RGB). The validation resize at the largest --image_size makes
+# under a third of that of a 4:3 photograph.
+MAX_RESIZED_PIXELS = 89_478_485
 
 
 class UnreadableImage:
@@ -63,6 +67,7 @@ def read_with_pil(path, target, spec, train):
     run's RunSpec) says."""
     with open_image(path)[1] as image:
         augmentation = draw_augmentation(image) if train else None
+        require_resize_within_limit(image, spec, augmentation)
         return Sample(target, path, augmentation, pixels=pixels_with_pil(image, spec, augmentation))
 
 
@@ -75,6 +80,7 @@ def read_for_device(path, target, spec, train, jpeg_decoder, decode_with_pil=Fal
     """
     data, header = open_image(path)
     augmentation = draw_augmentation(header) if train else None
+    require_resize_within_limit(header, spec, augmentation)
     if not decode_with_pil and device_decodable(header, data):
         return Sample(target, path, augmentation, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8),
                       jpeg_decoder=jpeg_decoder)
@@ -107,6 +113,36 @@ def open_image(path):
             f"{header.width}x{header.height} pixels, more than PIL's limit of {limit} "
             f"(Image.MAX_IMAGE_PIXELS)")
     return data, header
+
+
+def resized_pixels(width, height, spec, augmentation=None):
+    """The pixels of the largest image the geometric transform (``utils.augment.crop``) makes from a
+    ``width`` x ``height`` image: the validation resize's whole image (its shorter side to
+    ``spec.resized_side()``, the longer one in proportion, as torchvision computes it), or for a
+    training crop the larger of the two passes of its separable resize (``image_size`` by the
+    box's longer side, then ``image_size`` squared)."""
+    if augmentation is None:
+        side = spec.resized_side()
+        return side * int(side * max(width, height) / min(width, height))
+    _, _, box_height, box_width = augmentation.box
+    return spec.image_size * max(spec.image_size, box_height, box_width)
+
+
+def require_resize_within_limit(header, spec, augmentation):
+    """Refuses an image whose transform would make more than MAX_RESIZED_PIXELS pixels
+    (``resized_pixels``): the header check of ``open_image`` bounds what is decoded, but a small
+    image of an extreme aspect ratio (a 143-byte PNG of 20000x1 pixels) grows in the validation
+    resize (to 5120000x256 at 224 px, 3.9 GB).
+
+    Raises:
+        Image.DecompressionBombError (in READ_ERRORS).
+    """
+    pixels = resized_pixels(header.width, header.height, spec, augmentation)
+    if pixels > MAX_RESIZED_PIXELS:
+        step = "validation resize" if augmentation is None else "training crop's resize"
+        raise Image.DecompressionBombError(
+            f"{header.width}x{header.height} pixels, of which the {step} at {spec.image_size} px would "
+            f"make {pixels} pixels, more than the {MAX_RESIZED_PIXELS} allowed")
 
 
 def pixels_with_pil(image, spec, augmentation):

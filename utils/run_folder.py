@@ -1,9 +1,11 @@
 """The run folder: checkpoints written so that a crash at any moment leaves a loadable one
 behind, the RNG states they carry, and the text log."""
+import errno
 import fcntl
 import os
 import random
 import re
+import contextlib
 import shutil
 import socket
 import sys
@@ -113,6 +115,8 @@ class RunFolderLock:
     def verify(self):
         """Takes run.lock again if it was removed or replaced since; a UserError if another run has
         taken the folder meanwhile, so that this one writes nothing more there."""
+        if not os.path.isdir(self.folder):
+            raise folder_removed(self.folder)
         try:
             same = os.path.samestat(os.stat(self.path), os.fstat(self.fd))
         except FileNotFoundError:
@@ -140,17 +144,67 @@ class RunFolderLock:
             self.fd = None
 
 
-def _write(path, write):
+def write_atomically(path, write):
+    """Calls ``write(tmp)`` on a temporary file beside ``path`` and renames it over ``path`` once
+    whole and on disk: ``path`` is never seen half written, and a failure leaves it as it was and
+    no temporary file behind. Raises what the write raised (OSError, or torch.save's RuntimeError)."""
     tmp = f"{path}{PARTIAL}{os.getpid()}"
     try:
         write(tmp)
         _replace_atomically(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
+    except BaseException:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise UserError(f"could not write {path} ({reason}); the previous file there is intact: "
-                        f"free disk space or pass another --save, then run the same command") from None
+        raise
+
+
+# The fix for a failed write, by its errno; anything else (torch.save's RuntimeError names none) is
+# taken for a full disk.
+WRITE_FIXES = {
+    errno.EDQUOT: "free space within your disk quota or pass another --save",
+    errno.EFBIG: "raise the file size limit (ulimit -f) or pass another --save",
+    errno.EACCES: "make it writable or pass another --save",
+    errno.EPERM: "make it writable or pass another --save",
+    errno.EROFS: "pass a --save on a writable file system",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it away or pass another --save",
+    errno.EEXIST: "a file stands where a folder is needed: move it away or pass another --save",
+    errno.EISDIR: "a folder stands where a file is needed: move it away or pass another --save",
+}
+
+
+def write_failed(what, folder, error, kept):
+    """The UserError for a failed write in the run folder ``folder``: ``what`` failed (e.g. "could
+    not write PATH"), ``error`` says why, ``kept`` what is still intact (None: nothing is), and the
+    fix is the one that applies to the error; a folder removed meanwhile says so."""
+    if not os.path.isdir(folder):
+        return folder_removed(folder)
+    reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    filename = getattr(error, "filename", None)
+    if filename and str(filename) not in what:
+        reason = f"{reason}: {filename}"
+    fix = WRITE_FIXES.get(getattr(error, "errno", None), "free disk space or pass another --save")
+    kept = f"{kept} is intact" if kept else "no checkpoint of this run was written there yet"
+    return UserError(f"{what} ({reason}); {kept}: {fix}, then run the same command")
+
+
+def folder_removed(folder):
+    """The UserError for a run folder that was removed while the run used it."""
+    return UserError(f"the run folder {folder} was removed while this run used it, and its checkpoints "
+                     f"with it: this run stops without writing more; restore the folder to resume, or "
+                     f"run the same command to train from the start")
+
+
+def last_checkpoint(folder):
+    """What a failed write leaves intact in ``folder``: its checkpoint, if it has one."""
+    return "the last checkpoint there" if os.path.exists(os.path.join(folder, LAST)) else None
+
+
+def _write(path, write):
+    try:
+        write_atomically(path, write)
+    except (OSError, RuntimeError) as e:
+        kept = "the previous file there" if os.path.exists(path) else None
+        raise write_failed(f"could not write {path}", os.path.dirname(path), e, kept) from None
 
 
 def save(state, folder, is_best=False):
@@ -243,6 +297,6 @@ class ConsoleLog:
                 with open(self.path, "a") as f:
                     f.write(message + "\n")
             except OSError as e:
-                raise UserError(f"could not append to {self.path} ({e.strerror}); the checkpoints "
-                                f"in its folder are intact: free disk space, then run the same "
-                                f"command to resume") from None
+                folder = os.path.dirname(self.path)
+                raise write_failed(f"could not append to {self.path}", folder, e,
+                                   last_checkpoint(folder)) from None

@@ -23,7 +23,7 @@ from models.spec import recorded_fields, resolve
 
 from . import distributed, optim, run_folder
 from .cli import describe_overrides, given_spec, resolve_workers
-from .data import SeededSampler, make_loader, on_device, open_split
+from .data import SeededSampler, make_loader, on_device, open_split, require_classes
 from .distill import build_teacher
 from .errors import UserError, report_user_errors
 from .evaluation import UnreadableLimit, evaluate
@@ -32,10 +32,10 @@ from .monitor import MetricsLog, PaperMetrics
 from .optim import build_optimizer, build_scheduler
 from .pipeline import describe_jpeg_decoder
 from .runtime import configure_device, seed_everything
-from .signals import StopSignals, Stopped
+from .signals import DataStopped, StopSignals, StopWhileWaiting, Stopped
 from .recipe import get_recipe
 from .training_flags import build_parser, fill_defaults, step1_checkpoint, validate, validate_resolved
-from .training_step import NonFiniteLoss, TrainingStep
+from .training_step import NonFiniteLoss, TrainingStep, refusing_a_batch_of_one, unusable_batch
 
 
 # RunSpec fields that no resumed run may change: which model and binarizers it trains, and the
@@ -57,10 +57,6 @@ EXPERIMENT_FLAGS = ("learning_rate", "weight_decay", "epochs", "batch_size", "op
 SPEED_FLAGS = ("amp", "fused_optimizer", "channels_last", "compile", "deterministic", "jpeg_decoder")
 # Flags that name what the run reads: compared by the folder's real path and the files' content.
 INPUT_FLAGS = ("data", "teacher_weights", "step1_checkpoint")
-
-
-# How torch's BatchNorm refuses a training batch of one sample whose feature map is 1x1.
-BATCH_OF_ONE = "Expected more than 1 value per channel when training"
 
 # What a resume reads from a checkpoint besides its step and number of classes.
 RESUMED_ENTRIES = ("epoch", "iteration", "state_dict", "best_top1_acc", "optimizer", "scheduler",
@@ -141,7 +137,9 @@ class TrainingData:
                                   class_to_idx=self.train_set.class_to_idx,
                                   cpu_decode_share=args.cpu_decode_share,
                                   jpeg_decoder=self.train_set.jpeg_decoder)
-        self.num_classes = len(self.train_set.classes)
+        self.classes = list(self.train_set.classes)  # in label order
+        self.num_classes = len(self.classes)
+        self.train_folder = os.path.join(args.data, "train")
         per_rank_batch = args.batch_size // ctx.world_size
         self.train_sampler = SeededSampler(len(self.train_set), args.seed, True, ctx.rank, ctx.world_size,
                                            per_rank_batch)
@@ -228,7 +226,8 @@ class Trainer:
         # One process downloads the weights; the others wait and read them from the cache.
         if not self.ctx.is_main:
             distributed.barrier(self.ctx)
-        teacher = build_teacher(self.args.teacher, self.num_classes, self.args.teacher_weights)
+        teacher = build_teacher(self.args.teacher, self.num_classes, self.args.teacher_weights,
+                                classes=self.data.classes, folder=self.data.train_folder)
         if self.ctx.is_main:
             distributed.barrier(self.ctx)
         return teacher
@@ -269,8 +268,10 @@ class Trainer:
         given = given_spec(args)
         for name in fixed:
             if given[name] is not None and name in recorded and given[name] != recorded[name]:
-                raise UserError(f"{source} was trained with --{name} {recorded[name]}, not {given[name]}: "
-                                f"drop --{name} to continue it, or pass a new --save")
+                fix = (f"drop --{name} to continue it, or pass a new --save" if source == self.resume_path
+                       else f"drop --{name} to start from it (step 2 takes the step-1 file's), or pass the "
+                            f"--step1_checkpoint of a step-1 run with --{name} {given[name]}")
+                raise UserError(f"{source} was trained with --{name} {recorded[name]}, not {given[name]}: {fix}")
         spec, overrides = resolve(given, recorded)
         if self.start_state is not None:  # a resumed run reports its changes as changed flags
             for line in describe_overrides(overrides):
@@ -287,6 +288,9 @@ class Trainer:
             self.resume(self.resume_path, self.resume_state)
         elif self.start_state is not None:
             path = step1_checkpoint(self.args)
+            self.check_classes(self.start_state, path, "train step 2 on the data step 1 was trained "
+                                                       "on, or pass the --step1_checkpoint of a step-1 "
+                                                       "run on these classes")
             load_weights(self.student, self.start_state, path)
             self.log(f"=> initialised from step-1 weights {path}")
 
@@ -307,14 +311,31 @@ class Trainer:
             if self.iteration else {},
             "inputs": self.inputs,
             **self.spec.as_dict(),  # the RunSpec, its step and num_classes included
+            "classes": self.data.classes,  # the class folders' names, in label order
         }
 
+    def check_classes(self, state, path, fix):
+        """A UserError unless the data's classes are those the checkpoint ``state`` (read from
+        ``path``) was trained on, by name and in label order (``require_classes``); ``fix`` says
+        what to do. A checkpoint written before they were recorded has only their number checked."""
+        folder = self.data.train_folder
+        if "classes" in state:
+            require_classes(state["classes"], self.data.classes, folder, path, fix)
+        elif state.get("num_classes", self.num_classes) != self.num_classes:
+            raise UserError(f"{path} was trained on {state['num_classes']} classes but {folder} has "
+                            f"{self.num_classes} class folders: {fix}")
+        else:
+            self.log(f"=> {path} records no class names (written before checkpoints kept them): the "
+                     f"class folders of {folder} are taken to be those it was trained on, in the same order")
+
     def resume(self, path, state):
-        if state.get("step") != self.step or state.get("num_classes") != self.num_classes:
-            made_by = (f"step {state.get('step')} with {state.get('num_classes')} classes"
-                       if "step" in state else "something other than this repository's training")
-            raise UserError(f"{path} was made by {made_by}, but this is step {self.step} with "
-                            f"{self.num_classes} classes: pass a new --save folder for this run")
+        if state.get("step") != self.step:
+            made_by = (f"step {state.get('step')}" if "step" in state
+                       else "something other than this repository's training")
+            raise UserError(f"{path} was made by {made_by}, but this is step {self.step}: pass a new "
+                            f"--save folder for this run")
+        self.check_classes(state, path, "restore the class folders it was trained on to resume it, or "
+                                        "pass a new --save for a new run on these classes")
         missing = [entry for entry in RESUMED_ENTRIES if entry not in state]
         if missing:
             raise UserError(f"{path} lacks {', '.join(missing)}, so it cannot be resumed: it was not "
@@ -403,8 +424,10 @@ class Trainer:
                          f"iteration {self.saved_at[1]}) is kept: resume it with --resume_with_changes "
                          f"and {lower}")
 
-    def save(self, is_best=False):
-        """Writes the checkpoint (on the main process), unless it could not be resumed."""
+    def save(self, is_best=False, together=True):
+        """Writes the checkpoint (on the main process), unless it could not be resumed. With
+        ``together`` False no collective is run: the other processes may be inside one already (a
+        run whose data stopped coming on this process alone)."""
         non_finite = self.non_finite_tensors()
         if non_finite:
             raise self.diverged(f"the weights or optimizer state became NaN or infinite by epoch "
@@ -414,14 +437,44 @@ class Trainer:
             self.folder_lock.verify()
             run_folder.save(self.state_dict(), self.save_dir, is_best)
         self.saved_at = (self.epoch, self.iteration)
-        distributed.barrier(self.ctx)
+        if together:
+            distributed.barrier(self.ctx)
+
+    def save_progress(self, together=True):
+        """Saves the last finished iteration where the run folder does not hold it yet; returns
+        the checkpoint's path, or None where this run has trained nothing to save.
+
+        At iteration 0 of an epoch nothing of the epoch was trained, and the checkpoint of the
+        epoch before (written as it ended) already holds the run; one written now would hold the
+        schedule stepped for the epoch that has not started, and a resume would step it again.
+        """
+        if self.saved_at != (self.epoch, self.iteration) and self.iteration:
+            self.save(together=together)
+        return os.path.join(self.save_dir, run_folder.LAST) if self.saved_at else None
+
+    def ended_waiting(self, error):
+        """The UserError for a run whose data stopped coming (``error``, a DataStopped: a batch that
+        never came, a loader worker that died), after saving the last finished iteration.
+
+        Under torchrun the other processes may be waiting inside a collective: none is run. A
+        process other than the main one has nothing to save; the run folder keeps its checkpoint.
+        """
+        path = self.save_progress(together=False) if self.ctx.is_main else None
+        if path:
+            return UserError(f"{error.what}; saved {path} at epoch {self.epoch} iteration "
+                             f"{self.iteration}: {error.fix}, then run the same command to resume")
+        if self.saved_at:
+            return UserError(f"{error.what}; the run folder keeps its checkpoint of epoch {self.saved_at[0]} "
+                             f"iteration {self.saved_at[1]}: {error.fix}, then run the same command to resume")
+        return UserError(f"{error.what}; nothing of this run was trained, so nothing was saved: "
+                         f"{error.fix}, then run the same command to start again")
 
     def fit(self):
         args = self.args
         if self.epoch >= args.epochs:
             self.log(f"=> {self.save_dir} already holds all {args.epochs} epochs; nothing to do")
             return
-        with warnings.catch_warnings(), StopSignals() as stop:
+        with warnings.catch_warnings(), StopSignals(interrupt_waits=not self.ctx.distributed) as stop:
             # The schedule is stepped before the epoch's first optimizer step on purpose.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             while self.epoch < args.epochs:
@@ -434,9 +487,7 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 train = self.train_one_epoch(stop)
                 distributed.broadcast_buffers(self.student, self.ctx)
-                val = evaluate(self.student, self.data.val_loader, self.device, args.amp,
-                               args.channels_last, self.log, args.print_freq, self.ctx,
-                               args.max_unreadable_share)
+                val = self.validate(stop)
                 model_record = self.student.epoch_record() if hasattr(self.student, "epoch_record") else {}
                 record = {"lr": lr, "epoch_time": time.time() - started, **model_record,
                           **{f"train_{k}": v for k, v in train.items()},
@@ -455,27 +506,43 @@ class Trainer:
                 if stop.requested and self.epoch < args.epochs:
                     raise self.stopped(stop)
 
-    def unusable_batch(self, batch, what):
-        """The UserError for a training batch that holds ``what``: the images that were unreadable,
-        or a batch size too small to train on."""
-        where = f"the training batch at epoch {self.epoch} iteration {self.iteration}"
-        if batch.unreadable:
-            first = batch.unreadable[0]
-            return UserError(f"{where} has {what}: {len(batch.unreadable)} of its images are "
-                             f"unreadable (first {first.path}: {first.reason}); remove or repair "
-                             f"them, or lower --max_unreadable_share to stop at the first")
-        return UserError(f"{where} has {what}: use --batch_size of at least 2 per process "
-                         f"({self.ctx.world_size} process(es)), or larger images")
+    def validate(self, stop):
+        """The epoch's validation; a stop or an end of the data while it waits for a batch saves the
+        epoch's trained iterations first (its validation runs again on resume)."""
+        args = self.args
+        try:
+            return evaluate(self.student, self.data.val_loader, self.device, args.amp,
+                            args.channels_last, self.log, args.print_freq, self.ctx,
+                            args.max_unreadable_share, stop, args.data_timeout)
+        except StopWhileWaiting:
+            self.save_progress()
+            raise self.stopped(stop) from None
+        except DataStopped as error:
+            raise self.ended_waiting(error) from None
+
+    def arriving(self, batches):
+        """The batches of ``batches`` (``StopSignals.guard``'s) until a stop cuts a wait short (the
+        caller then sees ``stop.requested``), or the data stop coming (``ended_waiting``)."""
+        try:
+            yield from batches
+        except StopWhileWaiting:
+            return
+        except DataStopped as error:
+            raise self.ended_waiting(error) from None
+
+    def batch_name(self):
+        return f"the training batch at epoch {self.epoch} iteration {self.iteration}"
 
     def stopped(self, stop):
         return Stopped(stop.requested, self.epoch, self.iteration,
-                       os.path.join(self.save_dir, run_folder.LAST))
+                       os.path.join(self.save_dir, run_folder.LAST) if self.saved_at else None)
 
     def train_one_epoch(self, stop):
         """Trains from ``self.iteration`` to the end of ``self.epoch``.
 
         Between iterations it writes a mid-epoch checkpoint every ``--save_every_iters``, and when a
-        stop signal arrived it writes one and raises Stopped.
+        stop signal arrived it writes one and raises Stopped. A batch that does not come (a stuck or
+        dead loader worker) ends the run the same way, with a UserError (``ended_waiting``).
         """
         args, loader = self.args, self.data.train_loader
         self.model.train()
@@ -494,25 +561,22 @@ class Trainer:
         # Hooks inside a compiled model would force recompilation, so saturation is sampled eagerly only.
         sample_saturation = self.metrics and not args.compile
         limit = UnreadableLimit(args.max_unreadable_share, self.log, self.ctx, "training images")
-        for batch, images in stop.guard(on_device(loader, self.device, args.channels_last)):
+        batches = stop.guard(on_device(loader, self.device, args.channels_last), args.data_timeout)
+        for batch, images in self.arriving(batches):
             i = self.iteration
             meters["data"].update(time.time() - end)
             limit.update(batch.unreadable, len(batch))
             self.unreadable_count += len(batch.unreadable)
             if images is None:
-                raise self.unusable_batch(batch, "no readable image")
+                raise unusable_batch(batch, "no readable image", self.batch_name(), self.ctx.world_size)
             target = batch.target.to(self.device, non_blocking=True)
             try:
-                with self.metrics.sample_saturation() if sample_saturation else contextlib.nullcontext():
+                saturation = self.metrics.sample_saturation() if sample_saturation else contextlib.nullcontext()
+                with saturation, refusing_a_batch_of_one(batch, self.batch_name(), self.ctx.world_size):
                     result = self.training_step(images, target, lambda: stop.requested)
             except NonFiniteLoss as e:
                 raise self.diverged(f"the loss became non-finite ({e.loss}) at epoch {self.epoch} "
                                     f"iteration {i}; stopped before updating the weights") from None
-            except ValueError as e:
-                if not str(e).startswith(BATCH_OF_ONE):
-                    raise
-                raise self.unusable_batch(batch, "1 readable image, which BatchNorm cannot normalise "
-                                                 "where the feature map is 1x1") from None
             stopping = result.stop
             self.iteration += 1
             n = len(target)
@@ -533,8 +597,8 @@ class Trainer:
                 break
             end = time.time()
         if stop.requested:
-            if not stopping:  # the loader broke off (a worker died of the signal): save here
-                self.save()
+            if not stopping:  # the wait for data was cut short, or the loader broke off: save here
+                self.save_progress()
             raise self.stopped(stop)
         return meters.averages("loss", "top1", "top5")
 

@@ -8,10 +8,10 @@ parser leaves them None and the trainer fills them in (``fill_defaults``).
 """
 import os
 
-from .cli import (OneLineErrorParser, SPEC_FLAGS, add_cpu_decode_share_flag, add_device_flag,
-                  add_jpeg_decoder_flag, add_spec_flags, add_unreadable_flag, add_workers_flag,
-                  require_at_least, require_count, require_image_size_in_memory, require_positive,
-                  require_seed, require_share, require_spec)
+from .cli import (OneLineErrorParser, SPEC_FLAGS, add_cpu_decode_share_flag, add_data_timeout_flag,
+                  add_device_flag, add_jpeg_decoder_flag, add_spec_flags, add_unreadable_flag,
+                  add_workers_flag, require_at_least, require_count, require_image_size_in_memory,
+                  require_positive, require_seed, require_share, require_spec)
 from .data import BACKENDS, require_cpu_decode_share
 from .errors import UserError
 from .recipe import BNEXT_CONV_WEIGHT_DECAY, RECIPES, STEP_DESCRIPTIONS
@@ -82,6 +82,7 @@ def build_parser(step):
     parser.add_argument("--save_every_iters", type=int, default=0,
                         help="also write a resumable checkpoint every N iterations (0: once per epoch)")
     add_unreadable_flag(parser)
+    add_data_timeout_flag(parser, saves=True)
     parser.add_argument("--no_metrics", action="store_true",
                         help="skip the paper's flip-flop ratio, C2I and saturation measurements")
     add_device_flag(parser)
@@ -137,8 +138,8 @@ def validate(args):
                                                             "print_freq") if flag in given})
     require_count({f"--{flag}": given[flag] for flag in ("batch_size", "epochs", "print_freq", "save_every_iters")
                    if flag in given})
-    require_at_least(0, {f"--{flag}": given[flag] for flag in ("weight_decay", "save_every_iters", "workers")
-                         if flag in given})
+    require_at_least(0, {f"--{flag}": given[flag] for flag in ("weight_decay", "save_every_iters", "workers",
+                                                             "data_timeout") if flag in given})
     if not args.save:
         raise UserError("--save is empty: name the run folder for checkpoints and logs")
     require_share("--max_unreadable_share", args.max_unreadable_share)

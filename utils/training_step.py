@@ -1,4 +1,6 @@
-"""One training iteration of the recipe, shared by the trainer and the benchmark."""
+"""One training iteration of the recipe, shared by the trainer and the benchmark; and what a
+training batch too small to train on says, shared by the trainer and tools.train_teacher."""
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -6,8 +8,39 @@ import torch
 
 from . import distributed
 from .distill import distillation_loss
+from .errors import UserError
 from .meters import topk_correct
 from .runtime import autocast
+
+
+# How torch's BatchNorm refuses a training batch of one sample whose feature map is 1x1.
+BATCH_OF_ONE = "Expected more than 1 value per channel when training"
+
+
+def unusable_batch(batch, what, where, processes=None):
+    """The UserError for the training batch ``where`` (e.g. "the training batch at epoch 0
+    iteration 3") that holds ``what``: naming its unreadable images if it has any, else the batch
+    size to use (per process, with ``processes`` given)."""
+    if batch.unreadable:
+        first = batch.unreadable[0]
+        return UserError(f"{where} has {what}: {len(batch.unreadable)} of its images are "
+                         f"unreadable (first {first.path}: {first.reason}); remove or repair "
+                         f"them, or lower --max_unreadable_share to stop at the first")
+    per_process = f" per process ({processes} process(es))" if processes else ""
+    return UserError(f"{where} has {what}: use --batch_size of at least 2{per_process}, or larger images")
+
+
+@contextlib.contextmanager
+def refusing_a_batch_of_one(batch, where, processes=None):
+    """Turns BatchNorm's refusal of a training batch of one image (where the feature map is 1x1,
+    as at 32 px) into ``unusable_batch``'s UserError."""
+    try:
+        yield
+    except ValueError as e:
+        if not str(e).startswith(BATCH_OF_ONE):
+            raise
+        raise unusable_batch(batch, "1 readable image, which BatchNorm cannot normalise where the "
+                                    "feature map is 1x1", where, processes) from None
 
 
 class NonFiniteLoss(Exception):
