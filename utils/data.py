@@ -309,6 +309,8 @@ def start(loader):
     try:
         batches = iter(loader)
     except (OSError, RuntimeError) as error:
+        if worker_death(error):  # a persistent worker, found dead as a new epoch starts
+            raise worker_death(error) from None
         if not (isinstance(error, BlockingIOError) or "can't start new thread" in str(error)):
             raise
         # The loader's half-built iterator would fail again, and print it, as it is freed: the
@@ -342,6 +344,12 @@ class WorkerDied(DataStopped):
                          "if memory is short, use fewer --workers or a smaller --batch_size")
 
 
+def worker_death(error):
+    """The WorkerDied that ``error``, raised by a loader, reports; None for any other error."""
+    died = WORKER_DIED.search(str(error)) if isinstance(error, RuntimeError) else None
+    return WorkerDied(died.group(1)) if died else None
+
+
 def arrived(batches):
     """The items of ``batches`` (a loader's iterator), a worker's death reported as WorkerDied."""
     while True:
@@ -350,10 +358,9 @@ def arrived(batches):
         except StopIteration:
             return
         except RuntimeError as error:
-            died = WORKER_DIED.search(str(error))
-            if died is None:
+            if worker_death(error) is None:
                 raise
-            raise WorkerDied(died.group(1)) from None
+            raise worker_death(error) from None
         yield batch
 
 
