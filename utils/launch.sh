@@ -45,8 +45,11 @@ with socket.socket() as s:
 MASTER_PORT=$((MASTER_PORT % 65535 + 1)), the same on every node"
   fi
   # torchrun runs through utils/startup.py so that it ends with this script, and passes every stop
-  # below on to its processes (by default it would die of SIGUSR1 and SIGUSR2).
-  launcher=(env TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2
+  # below on to its processes (by default it would die of SIGUSR1 and SIGUSR2; its option
+  # --signals_to_handle reads PET_SIGNALS_TO_HANDLE, which torch before 2.9 read as
+  # TORCHELASTIC_SIGNALS_TO_HANDLE).
+  stops=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2
+  launcher=(env PET_SIGNALS_TO_HANDLE=$stops TORCHELASTIC_SIGNALS_TO_HANDLE=$stops
             python -c 'import sys; sys.path.insert(0, sys.argv.pop(1))
 from utils.startup import run_torchrun; run_torchrun()' "$REPO" --nnodes "$NNODES" --nproc_per_node "$NGPUS" --node_rank "$NODE_RANK"
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
