@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from utils.cli import (OneLineErrorParser, add_device_flag, add_spec_flags, add_workers_flag,  # noqa: E402
                        model_for, require_count, require_image_size_in_memory, require_positive, require_seed,
                        resolve_device, resolve_workers)
-from utils.data import SeededSampler, make_loader, open_split  # noqa: E402
+from utils.data import SeededSampler, make_loader, on_device, open_split  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 
 
@@ -124,8 +124,7 @@ def cache_batches(dataset, batches, batch_size, seed, workers, device):
     loader = make_loader(dataset, SeededSampler(len(dataset), seed, shuffle=True), batch_size, workers,
                          device.type == "cuda")
     cached, skipped = [], 0
-    for batch in itertools.islice(loader, batches):
-        images = batch.to_device(device)
+    for batch, images in itertools.islice(on_device(loader, device, ahead=False), batches):
         skipped += len(batch.unreadable)
         if images is not None:
             cached.append((images, batch.target.to(device)))
