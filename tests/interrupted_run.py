@@ -54,6 +54,17 @@ signal.signal = recording_install
 steps = 0
 
 
+def say(line):
+    """Prints ``line``; an output whose reader is gone (run.sh's tee, killed with its process group)
+    is taken as the run's own ConsoleLog takes it: what follows goes nowhere."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def at_step(*_):
     global steps
     steps += 1
@@ -62,9 +73,9 @@ def at_step(*_):
     name = signal.Signals(signum).name
     moment = f"during step {steps}" if during else f"after optimizer step {steps}"
     if target is None:
-        print(f"interrupted_run: waiting for {name} {moment}", flush=True)
+        say(f"interrupted_run: waiting for {name} {moment}")
     else:
-        print(f"interrupted_run: sending {name} {moment}", flush=True)
+        say(f"interrupted_run: sending {name} {moment}")
         os.kill(target, signum)
     deadline, seen = time.time() + 60, 0
     while seen < count:  # a SIGKILL of this process never returns here
@@ -72,7 +83,7 @@ def at_step(*_):
         time.sleep(0.01)
         if len(received) > seen:
             seen = len(received)
-            print(f"interrupted_run: received {seen}", flush=True)
+            say(f"interrupted_run: received {seen}")
 
 
 during = os.environ.get("INTERRUPT_DURING")

@@ -1,4 +1,5 @@
 """A run survives kills, preemption, full disks, corrupt images and divergence without losing work."""
+import contextlib
 import errno
 import json
 import os
@@ -8,12 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 import torchvision
 
-from conftest import REPO, run_script, signalled_group, train_args, write_image_folder
+from conftest import (REPO, live_processes, run_script, signalled_group, succeeded, train_args,
+                      write_image_folder)
 from models import reactnet
 from utils import run_folder
 from utils.errors import UserError
@@ -138,6 +141,142 @@ def test_sigterm_to_the_process_group_saves_mid_epoch_and_resume_is_bit_identica
     assert (saved["epoch"], saved["iteration"]) == (0, 3)
     assert not torch.equal(saved["state_dict"]["fc.weight"], uninterrupted["state_dict"]["fc.weight"])
     assert_resumed_to_the_uninterrupted_end(command, (0, 3), uninterrupted, tmp_path)
+
+
+# Runs SCRIPT FLAGS... with every loader worker stuck, as in a read from a hung network mount, once
+# it has read STUCK_AFTER images of the split STUCK_SPLIT (train or val).
+STUCK_WORKER = """
+import os, runpy, sys, time
+from utils import data
+read = data.read_with_pil
+split, after = os.environ["STUCK_SPLIT"], int(os.environ["STUCK_AFTER"])
+calls = 0
+def stuck_read(path, *args):
+    global calls
+    if f"{os.sep}{split}{os.sep}" in path:
+        calls += 1
+        if calls > after:
+            time.sleep(300)
+    return read(path, *args)
+data.read_with_pil = stuck_read
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def waiting_run(command, trigger, act, split="train", after=4, within=60):
+    """Runs ``command`` (a step-1 training, two loader workers) under STUCK_WORKER in a session of
+    its own; once it prints a line starting with ``trigger`` and then waits for its stuck batch,
+    calls ``act(process)``. Fails the test unless the run ends within ``within`` seconds of that,
+    with every process it started. Returns the CompletedProcess, stderr merged into stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", STUCK_SPLIT=split, STUCK_AFTER=str(after))
+    with subprocess.Popen([sys.executable, "-c", STUCK_WORKER, *command[1:]], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, start_new_session=True) as run:
+        try:
+            lines = []
+            for line in run.stdout:
+                lines.append(line)
+                if line.startswith(trigger):
+                    time.sleep(2)  # the next batch is the stuck one: the run now waits for it
+                    act(run)
+                    break
+            else:
+                pytest.fail(f"the run ended before printing {trigger!r}: {''.join(lines)[-2000:]}")
+            try:
+                rest = run.communicate(timeout=within)[0]
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running {within} s after the stuck wait began: {''.join(lines)[-2000:]}")
+            assert live_processes(run.pid) == [], "processes of the run outlived it"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, run.returncode, "".join(lines) + rest, "")
+
+
+def one_line_of(output):
+    """The one ``error:`` line of an output with stderr merged in, which holds no traceback."""
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_a_stop_while_a_worker_is_stuck_is_honoured_and_resumes_bit_identical(tiny_data, teacher_weights,
+                                                                              tmp_path, uninterrupted):
+    # Each worker is stuck in the first read of its second batch: batches 0 and 1 come, 2 never.
+    command = step1_command(tiny_data, teacher_weights, tmp_path, "--workers", 2)
+    stopped = waiting_run(command, "Epoch: [0][1/6]", lambda run: os.killpg(run.pid, signal.SIGTERM))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
+    assert "stopped by SIGTERM at epoch 0 iteration 2; saved" in stopped.stdout
+    assert (checkpoint(tmp_path)["epoch"], checkpoint(tmp_path)["iteration"]) == (0, 2)
+    assert_resumed_to_the_uninterrupted_end(command, (0, 2), uninterrupted, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_batch_that_never_comes_ends_the_run_with_a_resumable_checkpoint(tiny_data, teacher_weights,
+                                                                          tmp_path, uninterrupted):
+    command = step1_command(tiny_data, teacher_weights, tmp_path, "--workers", 2, "--data_timeout", 5)
+    ended = waiting_run(command, "Epoch: [0][1/6]", lambda run: None)
+    assert ended.returncode == 2, ended.stdout[-3000:]
+    line = one_line_of(ended.stdout)
+    assert line.startswith("error: no batch came from the data loader in 5 s (--data_timeout): a loader "
+                           "worker is stuck, most likely reading from a file system that stopped answering")
+    assert line.endswith(f"; saved {tmp_path / run_folder.LAST} at epoch 0 iteration 2: check the storage (a "
+                         f"larger --data_timeout waits longer), then run the same command to resume")
+    assert_resumed_to_the_uninterrupted_end(command, (0, 2), uninterrupted, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_stop_while_validation_waits_saves_the_epochs_training(tiny_data, teacher_weights, tmp_path,
+                                                                 uninterrupted, uninterrupted_folder):
+    command = step1_command(tiny_data, teacher_weights, tmp_path, "--workers", 2)
+    stopped = waiting_run(command, "Epoch: [0][5/6]", lambda run: os.killpg(run.pid, signal.SIGTERM),
+                          split="val", after=0)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
+    assert "stopped by SIGTERM at epoch 0 iteration 6; saved" in stopped.stdout
+    # The resume validates epoch 0 again, without training it again, then trains epoch 1.
+    resumed = succeeded(subprocess.run(command, capture_output=True, text=True,
+                                       env=dict(os.environ, OMP_NUM_THREADS="1")))
+    assert re.search(r"^=> resuming \S+ at epoch 0 iteration 6 ", resumed.stdout, re.M)
+    assert progress_lines(resumed.stdout) == [(1, i) for i in range(6)]
+    final = checkpoint(tmp_path)
+    assert_bit_identical(final["state_dict"], uninterrupted["state_dict"])
+    assert_bit_identical(adam_moments(final), adam_moments(uninterrupted))
+    assert training_records(tmp_path) == training_records(uninterrupted_folder)
+
+
+def children(pid):
+    """PIDs of the processes whose parent is ``pid``."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{name}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(name))
+    return sorted(found)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_the_oom_killer_ends_the_run_with_a_resumable_checkpoint(
+        tiny_data, teacher_weights, tmp_path, uninterrupted):
+    command = step1_command(tiny_data, teacher_weights, tmp_path, "--workers", 2)
+    killed = []
+
+    def kill_a_worker(run):
+        killed.append(children(run.pid)[0])
+        os.kill(killed[0], signal.SIGKILL)
+
+    # Killed while it reads its second batch (as the OOM killer ends a worker at work): batches 0
+    # and 1 came, the run waits for batch 2.
+    ended = waiting_run(command, "Epoch: [0][1/6]", kill_a_worker)
+    assert ended.returncode == 2, ended.stdout[-3000:]
+    line = one_line_of(ended.stdout)
+    assert line == (f"error: a data-loading worker (process {killed[0]}) ended unexpectedly, most likely "
+                    f"killed by the kernel's out-of-memory killer (see dmesg); saved {tmp_path / run_folder.LAST} "
+                    f"at epoch 0 iteration 2: if memory is short, use fewer --workers or a smaller "
+                    f"--batch_size, then run the same command to resume")
+    assert_resumed_to_the_uninterrupted_end(command, (0, 2), uninterrupted, tmp_path)
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
