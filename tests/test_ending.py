@@ -5,6 +5,7 @@ made an ending hang: they ignore SIGTERM, and Python's exit waited for them."""
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -358,3 +359,133 @@ def test_a_class_folder_linked_into_another_is_named(tmp_path, teacher_weights):
     result = run_bounded(step1(str(data), teacher_weights, tmp_path / "run"))
     line = one_error_line(result)
     assert "class_0/more (in class folder 'class_0') leads to" in line and "'class_1'" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name, processes", [("SIGUSR1", 1), ("SIGUSR2", 1), ("SIGUSR1", 2)])
+def test_sigusr1_and_sigusr2_to_run_sh_alone_stop_the_training_as_sigterm_does(tiny_data, teacher_weights, tmp_path,
+                                                                               signal_name, processes):
+    # As `#SBATCH --signal=B:USR1@T` signals the batch shell: run.sh passes it on (through torchrun
+    # with two processes), the training saves and stops, run.sh exits with 128 + its number.
+    from test_distributed import free_port
+    command, env, save = run_sh_command(tmp_path, tiny_data, teacher_weights, processes, free_port())
+    stopped = signalled_group(command, signal_name, after_step=1, env=env, leader_only=True)
+    signum = getattr(signal, signal_name)
+    assert stopped.returncode == 128 + signum, stopped.stdout[-3000:]
+    assert f"stopped by {signal_name} at epoch 0 iteration 2; saved" in stopped.stdout, stopped.stdout[-3000:]
+    saved = torch.load(save / run_folder.LAST, weights_only=True)
+    assert (saved["epoch"], saved["iteration"]) == (0, 2)
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_whole_process_group_stops_the_training_as_sigterm_does(tiny_data, teacher_weights,
+                                                                              tmp_path):
+    # As `#SBATCH --signal=USR1@T` signals every process of the job, the loader workers included.
+    command = step1(tiny_data, teacher_weights, tmp_path, "--epochs", 2, "--batch_size", 4)
+    stopped = signalled_group([sys.executable, INTERRUPTED_RUN, *command[1:]], "SIGUSR1", after_step=1)
+    assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stdout[-3000:]
+    assert "stopped by SIGUSR1 at epoch 0 iteration 2; saved" in stopped.stdout
+    saved = torch.load(tmp_path / run_folder.LAST, weights_only=True)
+    assert (saved["epoch"], saved["iteration"]) == (0, 2)
+
+
+def descendants(pid):
+    """PIDs of every process started, directly or not, by process ``pid``."""
+    parents = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{name}/stat") as f:
+                parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, processes", [("pid", 1), ("group", 1), ("group", 2)])
+def test_a_training_ends_with_its_killed_run_sh_and_leaves_nothing(tiny_data, teacher_weights, tmp_path,
+                                                                   target, processes):
+    # SIGKILL of run.sh (its PID, or its process group as `kill -9 %1` and supervisors do) while the
+    # training, in a process group of its own, waits after its first step: the kernel sends the
+    # training SIGTERM (through torchrun with two processes), which saves and stops, and no process
+    # that run.sh started (training, loader workers, torchrun) outlives that.
+    from test_distributed import free_port
+    command, env, save = run_sh_command(tmp_path, tiny_data, teacher_weights, processes, free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", INTERRUPT_SIGNAL="SIGTERM", INTERRUPT_AFTER_STEP="1",
+               INTERRUPT_TARGET="outside", **env)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          start_new_session=True) as run:
+        started = []
+        try:
+            for line in run.stdout:
+                if line.startswith("interrupted_run: waiting"):
+                    break
+            started = descendants(run.pid)
+            assert started, "run.sh started nothing"
+            (os.kill if target == "pid" else os.killpg)(run.pid, signal.SIGKILL)
+            deadline = time.time() + 40  # interrupted_run itself gives up waiting after 60 s
+            while any(alive(pid) for pid in started) and time.time() < deadline:
+                time.sleep(0.2)
+            assert not [pid for pid in started if alive(pid)], "processes started by run.sh outlived it"
+        finally:
+            for pid in started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert "=> stopped by SIGTERM at epoch 0 iteration 2; saved" in (save / "log.txt").read_text()
+    saved = torch.load(save / run_folder.LAST, weights_only=True)
+    assert (saved["epoch"], saved["iteration"]) == (0, 2)
+
+
+def test_run_sh_refuses_a_port_in_use_on_the_first_node(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command, env, save = run_sh_command(tmp_path, str(tmp_path), "x", 2, port=port)
+        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, **env), timeout=60)
+    line = one_error_line(result)
+    assert line.startswith(f"error: MASTER_PORT={port} cannot be used on this node, the first (Address already "
+                           f"in use): another job or a run still ending holds it; pick a free port")
+    assert not save.exists()  # refused before anything started
+
+
+# Runs a command (a script path, or a module run as `python -m`) with a Ctrl-C arriving while it
+# imports torch, as it does when pressed during a command's first seconds.
+CTRL_C_WHILE_IMPORTING = """
+import builtins, os, runpy, signal, sys, time
+real_import = builtins.__import__
+def interrupted_import(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        builtins.__import__ = real_import
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupted_import
+target, sys.argv = sys.argv[1], sys.argv[1:]
+if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+"""
+
+COMMANDS = ["step1/train.py", "step2/train.py", "evaluate.py", "tools.ablation", "tools.benchmark",
+            "tools.export_lce", "tools.flag_docs", "tools.landscape", "tools.make_demo_data", "tools.summary",
+            "tools.train_teacher"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_ctrl_c_while_a_command_starts_is_one_line(command):
+    result = run_bounded([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, command, "--help"], seconds=120)
+    line = one_error_line(result, status=130)
+    assert line == "error: interrupted by Ctrl-C while starting, before anything was read or written"
+    assert result.stdout == ""
