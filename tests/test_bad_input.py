@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import shutil
 import sys
 import threading
 
@@ -21,7 +22,7 @@ from models import RunSpec, reactnet
 from models.checkpoint import CheckpointError, read_checkpoint
 from models.layers import binary_convs
 from tools import ablation, summary
-from utils import monitor, pipeline, trainer
+from utils import monitor, pipeline, run_folder, trainer
 from utils.data import SeededImageFolder, SeededSampler
 from utils.errors import UserError
 from utils.monitor import MetricsLog
@@ -223,7 +224,12 @@ def test_a_full_disk_when_the_event_file_opens_is_a_user_error(tmp_path, monkeyp
 def test_a_full_disk_when_an_epoch_is_recorded_is_a_user_error(tmp_path, monkeypatch):
     log = MetricsLog(str(tmp_path), True)
     monkeypatch.setattr(monitor, "open", disk_full, raising=False)
-    with pytest.raises(UserError, match="No space left on device.*last checkpoint there is intact"):
+    # Before the first checkpoint the line promises none.
+    with pytest.raises(UserError, match="No space left on device.*; no checkpoint of this run was written "
+                                        "there yet: free disk space"):
+        log.epoch(0, {"train_loss": 1.0})
+    (tmp_path / run_folder.LAST).write_bytes(b"a checkpoint")
+    with pytest.raises(UserError, match="No space left on device.*last checkpoint there is intact: free disk space"):
         log.epoch(0, {"train_loss": 1.0})
     log.close()
 
@@ -296,3 +302,60 @@ def test_run_sh_refuses_a_bad_variable_before_starting(tmp_path, variable, value
     assert message in single_error_line(result)
     assert not os.path.exists(tmp_path / "run")  # stopped before train.py ran
 
+
+
+def sliver_png(width, height=1):
+    """A PNG of ``width`` x ``height`` black pixels: a few hundred bytes at most."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_image_whose_validation_resize_would_fill_the_memory_is_unreadable(tmp_path, backend):
+    # At 224 px the shorter side goes to 256: 20000x1 pixels would become 5120000x256 (3.9 GB).
+    root = one_class_folder(tmp_path, {"sliver.png": sliver_png(20000), "photo.JPEG": jpeg_bytes()})
+    assert len(sliver_png(20000)) < 150
+    items = read_all(SeededImageFolder(root, RunSpec(image_size=224), backend))
+    assert not isinstance(items["photo.JPEG"], UnreadableImage)
+    assert items["sliver.png"].reason == ("DecompressionBombError: 20000x1 pixels, of which the validation resize at "
+                                          "224 px would make 1310720000 pixels, more than the 89478485 allowed")
+    # A panorama of ordinary proportions is read.
+    root = one_class_folder(tmp_path / "panorama", {"wide.png": sliver_png(2000, 100)})
+    assert not isinstance(SeededImageFolder(root, RunSpec(image_size=224), backend)[0, 0], UnreadableImage)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_bound_covers_the_training_crops_resize(tmp_path, backend, monkeypatch):
+    root = one_class_folder(tmp_path, {"photo.JPEG": jpeg_bytes(40, 36)})
+    dataset = SeededImageFolder(root, RunSpec(image_size=32), backend, train=True)
+    box = dataset[0, 7].augmentation.box  # the crop drawn for seed 7
+    monkeypatch.setattr(pipeline, "MAX_RESIZED_PIXELS", 32 * max(32, box[2], box[3]))
+    assert not isinstance(dataset[0, 7], UnreadableImage)
+    monkeypatch.setattr(pipeline, "MAX_RESIZED_PIXELS", 32 * max(32, box[2], box[3]) - 1)
+    assert "the training crop's resize at 32 px would make" in dataset[0, 7].reason
+
+
+@pytest.fixture(scope="module")
+def sliver_data(tiny_data, tmp_path_factory):
+    """tiny_data with a 100000x1 PNG among the validation images: at 32 px its resize would make
+    3700000x37 pixels, more than the bound."""
+    root = tmp_path_factory.mktemp("sliver") / "data"
+    shutil.copytree(tiny_data, root)
+    (root / "val" / "class_1" / "sliver.png").write_bytes(sliver_png(100000))
+    return str(root)
+
+
+@pytest.mark.slow
+def test_training_and_evaluate_count_and_name_an_image_whose_resize_is_too_large(sliver_data, teacher_weights,
+                                                                                tmp_path):
+    sliver = os.path.join(sliver_data, "val", "class_1", "sliver.png")
+    trained = succeeded(run_script("step1/train.py", *train_args(sliver_data, teacher_weights, tmp_path)))
+    assert f"warning: skipped unreadable image {sliver} (DecompressionBombError: 100000x1 pixels" in trained.stdout
+    assert " * 1 unreadable of 13 validation images excluded from these accuracies" in trained.stdout
+    for backend in BACKENDS:
+        result = succeeded(run_script("evaluate.py", "--data", sliver_data, "--checkpoint",
+                                      tmp_path / "checkpoint.pth.tar", "--data_backend", backend, "-j", 2,
+                                      "--device", "cpu"))
+        assert f"warning: skipped unreadable image {sliver} (DecompressionBombError" in result.stdout
+        assert " * 1 unreadable of 13 validation images excluded from these accuracies" in result.stdout
