@@ -1,5 +1,6 @@
 """How every command ends: one line for what a user can fix, a traceback only for a bug, and no
 process of ours left behind, whatever ended it."""
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -68,7 +69,8 @@ def report_user_errors(main):
             else:
                 traceback.print_exc()
             if message and os.environ.get("RANK", "0") == "0":
-                print(f"error: {printable(message)}", file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):  # a reader that is gone (run.sh's tee, killed) changes no status
+                    print(f"error: {printable(message)}", file=sys.stderr, flush=True)
             raise SystemExit(status) from None
         finally:
             end_child_processes()
