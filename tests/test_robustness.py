@@ -246,36 +246,43 @@ def test_a_stop_while_validation_waits_saves_the_epochs_training(tiny_data, teac
     assert training_records(tmp_path) == training_records(uninterrupted_folder)
 
 
-def children(pid):
-    """PIDs of the processes whose parent is ``pid``."""
-    found = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
+# STUCK_WORKER, and during the second optimizer step the run's first loader worker is SIGKILLed as
+# the out-of-memory killer does, while the run computes: its SIGCHLD arrives in the middle of the step.
+KILLED_DURING_A_STEP = STUCK_WORKER.replace("sys.argv = sys.argv[1:]", """
+import signal
+from torch.optim.optimizer import register_optimizer_step_post_hook
+steps = 0
+def kill_a_worker(*_):
+    global steps
+    steps += 1
+    if steps == 2:
+        children = []
+        for name in filter(str.isdigit, os.listdir("/proc")):
             with open(f"/proc/{name}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(name))
-    return sorted(found)
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    children.append(int(name))
+        print(f"killing loader worker {min(children)}", flush=True)
+        os.kill(min(children), signal.SIGKILL)
+        time.sleep(2)
+register_optimizer_step_post_hook(kill_a_worker)
+sys.argv = sys.argv[1:]""")
 
 
 @pytest.mark.slow
 def test_a_worker_killed_by_the_oom_killer_ends_the_run_with_a_resumable_checkpoint(
         tiny_data, teacher_weights, tmp_path, uninterrupted):
+    # Killed while it reads its second batch: batches 0 and 1 came, the run finishes iteration 1,
+    # then waits for batch 2.
     command = step1_command(tiny_data, teacher_weights, tmp_path, "--workers", 2)
-    killed = []
-
-    def kill_a_worker(run):
-        killed.append(children(run.pid)[0])
-        os.kill(killed[0], signal.SIGKILL)
-
-    # Killed while it reads its second batch (as the OOM killer ends a worker at work): batches 0
-    # and 1 came, the run waits for batch 2.
-    ended = waiting_run(command, "Epoch: [0][1/6]", kill_a_worker)
-    assert ended.returncode == 2, ended.stdout[-3000:]
-    line = one_line_of(ended.stdout)
-    assert line == (f"error: a data-loading worker (process {killed[0]}) ended unexpectedly, most likely "
-                    f"killed by the kernel's out-of-memory killer (see dmesg); saved {tmp_path / run_folder.LAST} "
-                    f"at epoch 0 iteration 2: if memory is short, use fewer --workers or a smaller "
-                    f"--batch_size, then run the same command to resume")
+    ended = subprocess.run([sys.executable, "-c", KILLED_DURING_A_STEP, *command[1:]], capture_output=True,
+                           text=True, cwd=REPO, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", STUCK_SPLIT="train", STUCK_AFTER="4"))
+    assert ended.returncode == 2, ended.stdout[-2000:] + ended.stderr[-3000:]
+    worker = re.search(r"^killing loader worker (\d+)$", ended.stdout, re.M).group(1)
+    assert one_line_of(ended.stderr) == (
+        f"error: a data-loading worker (process {worker}) ended unexpectedly, most likely killed by the kernel's "
+        f"out-of-memory killer (see dmesg); saved {tmp_path / run_folder.LAST} at epoch 0 iteration 2: if memory "
+        f"is short, use fewer --workers or a smaller --batch_size, then run the same command to resume")
     assert_resumed_to_the_uninterrupted_end(command, (0, 2), uninterrupted, tmp_path)
 
 
