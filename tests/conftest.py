@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -175,6 +176,68 @@ def ends_within(group, seconds):
         timer.cancel()
     if expired.is_set():
         pytest.fail(f"still running {seconds} s later: it hangs instead of ending")
+
+
+# The end of a `python -c WRAPPER TARGET FLAGS...` script: runs TARGET, a script's path or a module
+# run as `python -m`, as the program, with FLAGS as its arguments.
+RUN_TARGET = """
+target, sys.argv = sys.argv[1], sys.argv[1:]
+if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+"""
+
+# What STUCK_WORKER does before it runs its target: every loader worker is stuck, as in a read from a
+# hung network mount, once it has read STUCK_AFTER images of the split STUCK_SPLIT (train, val, or
+# empty for both).
+STUCK_READS = """
+import os, runpy, sys, time
+from utils import data
+read = data.read_with_pil
+split, after = os.environ["STUCK_SPLIT"], int(os.environ["STUCK_AFTER"])
+calls = 0
+def stuck_read(path, *args):
+    global calls
+    if not split or f"{os.sep}{split}{os.sep}" in path:
+        calls += 1
+        if calls > after:
+            time.sleep(300)
+    return read(path, *args)
+data.read_with_pil = stuck_read
+"""
+STUCK_WORKER = STUCK_READS + RUN_TARGET
+
+
+def acting_on(command, trigger, act, env=None, within=60):
+    """Runs ``command`` from the repository root in a session of its own; once it prints a line
+    starting with ``trigger``, calls ``act(process)``. Fails the test unless it then ends within
+    ``within`` seconds, and every process of its group within 30 s more. Returns the
+    CompletedProcess, stderr merged into stdout."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                          cwd=REPO, start_new_session=True) as run:
+        try:
+            lines = []
+            for line in run.stdout:
+                lines.append(line)
+                if line.startswith(trigger):
+                    act(run)
+                    break
+            else:
+                pytest.fail(f"it ended before printing {trigger!r}: {''.join(lines)[-2000:]}")
+            try:
+                lines.append(run.communicate(timeout=within)[0])
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running {within} s later: {''.join(lines)[-2000:]}")
+            deadline = time.time() + 30
+            while live_processes(run.pid) and time.time() < deadline:
+                time.sleep(0.2)
+            assert live_processes(run.pid) == [], "processes of its group outlived it"
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the group is gone when all went well
+                os.killpg(run.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, run.returncode, "".join(lines), "")
 
 
 def run_bounded(command, seconds=300, env=None):

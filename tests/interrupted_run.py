@@ -52,17 +52,8 @@ def recording_install(number, handler):
 
 signal.signal = recording_install
 steps = 0
-
-
-def say(line):
-    """Prints ``line``; an output whose reader is gone (run.sh's tee, killed with its process group)
-    is taken as the run's own ConsoleLog takes it: what follows goes nowhere."""
-    try:
-        print(line, flush=True)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # the repository
+from utils.run_folder import print_while_read as say  # noqa: E402  (run.sh's tee may be gone)
 
 
 def at_step(*_):
@@ -105,5 +96,4 @@ if "INTERRUPTED_SCRIPT" in os.environ:
 else:
     script = os.path.abspath(sys.argv[1])
     sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # the repository
 runpy.run_path(script, run_name="__main__")

@@ -14,8 +14,7 @@ from PIL import Image
 from timm.data import ImageNetInfo
 
 import evaluate
-from conftest import (REPO, main_error_line, run_bounded, single_error_line, succeeded, train_args,
-                      write_image_folder)
+from conftest import REPO, main_error_line, run_bounded, single_error_line, succeeded, train_args
 from models import RunSpec, reactnet
 from utils import run_folder, trainer
 from utils.distill import build_teacher

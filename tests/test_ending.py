@@ -14,7 +14,8 @@ import pytest
 import torch
 import torchvision
 
-from conftest import (REPO, live_processes, run_bounded, signalled_group, train_args, write_image_folder)
+from conftest import (REPO, RUN_TARGET, STUCK_WORKER, acting_on, run_bounded, signalled_group, train_args,
+                      write_image_folder)
 from utils import run_folder
 
 INTERRUPTED_RUN = os.path.join(REPO, "tests", "interrupted_run.py")
@@ -162,47 +163,14 @@ def test_ctrl_c_on_the_teacher_training_is_one_line(tiny_data, tmp_path):
     assert "error: interrupted by Ctrl-C" in stopped.stdout
 
 
-# Runs SCRIPT FLAGS... with every loader worker stuck in reading its fourth image (as on a hung
-# network file system): a worker that is not ended from outside stays for the two minutes.
-STUCK_WORKER = """
-import runpy, sys, time
-from utils import data
-read = data.read_with_pil
-calls = 0
-def stuck_read(*args):
-    global calls
-    calls += 1
-    if calls >= 4:
-        time.sleep(120)
-    return read(*args)
-data.read_with_pil = stuck_read
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def killed_leaves_nothing(command, progress):
-    """Runs ``command`` under STUCK_WORKER, SIGKILLs it once it prints a line starting with
-    ``progress`` (its workers are then stuck reading), and checks that none of the processes of its
-    group (its loader workers) is alive 30 s later."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with subprocess.Popen([sys.executable, "-c", STUCK_WORKER, *command], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, start_new_session=True) as run:
-        try:
-            lines = []
-            for line in run.stdout:
-                lines.append(line)
-                if line.startswith(progress):
-                    run.kill()
-                    break
-            assert run.wait(timeout=300) == -signal.SIGKILL, "".join(lines)[-3000:]
-            deadline = time.time() + 30
-            while live_processes(run.pid) and time.time() < deadline:
-                time.sleep(0.2)
-            assert live_processes(run.pid) == [], "loader workers outlived the killed process"
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # the group is gone when all went well
-                os.killpg(run.pid, signal.SIGKILL)
+    """Runs ``command`` with every loader worker stuck from its fourth read on (STUCK_WORKER),
+    SIGKILLs it once it prints a line starting with ``progress`` (its workers are then stuck
+    reading), and checks that none of the processes of its group (its loader workers) is alive 30 s
+    later."""
+    killed = acting_on([sys.executable, "-c", STUCK_WORKER, *command], progress, lambda run: run.kill(),
+                       env={"STUCK_SPLIT": "", "STUCK_AFTER": "3"}, within=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
 
 
 @pytest.mark.slow
@@ -471,12 +439,7 @@ def interrupted_import(name, *args, **kwargs):
         time.sleep(30)
     return real_import(name, *args, **kwargs)
 builtins.__import__ = interrupted_import
-target, sys.argv = sys.argv[1], sys.argv[1:]
-if target.endswith(".py"):
-    runpy.run_path(target, run_name="__main__")
-else:
-    runpy.run_module(target, run_name="__main__", alter_sys=True)
-"""
+""" + RUN_TARGET
 
 COMMANDS = ["step1/train.py", "step2/train.py", "evaluate.py", "tools.ablation", "tools.benchmark",
             "tools.export_lce", "tools.flag_docs", "tools.landscape", "tools.make_demo_data", "tools.summary",

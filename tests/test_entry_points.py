@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 import evaluate
-from conftest import (REPO, main_error_line, run_bounded, train_args, write_image_folder)
+from conftest import RUN_TARGET, STUCK_WORKER, main_error_line, run_bounded, train_args, write_image_folder
 from models import reactnet
 from tools import ablation, benchmark, export_lce, landscape, train_teacher
 from utils import monitor, run_folder, trainer
@@ -132,12 +132,7 @@ def limited_fork():
         raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
     return real_fork()
 os.fork = limited_fork
-target, sys.argv = sys.argv[1], sys.argv[1:]
-if target.endswith(".py"):
-    runpy.run_path(target, run_name="__main__")
-else:
-    runpy.run_module(target, run_name="__main__", alter_sys=True)
-"""
+""" + RUN_TARGET
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +242,6 @@ def test_a_write_failure_names_what_is_intact_and_the_fix(tmp_path, monkeypatch)
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["evaluate.py", "tools/train_teacher.py"])
 def test_a_batch_that_never_comes_is_one_error_line(command, tiny_data, checkpoint, tmp_path):
-    from test_robustness import STUCK_WORKER
     args = {"evaluate.py": ["--data", tiny_data, "--checkpoint", checkpoint, "--device", "cpu",
                             "--batch_size", 4],
             "tools/train_teacher.py": teacher_args(tiny_data, tmp_path / "t.pth", "--batch_size", 4)}[command]

@@ -1,5 +1,4 @@
 """A run survives kills, preemption, full disks, corrupt images and divergence without losing work."""
-import contextlib
 import errno
 import json
 import os
@@ -15,8 +14,8 @@ import pytest
 import torch
 import torchvision
 
-from conftest import (REPO, live_processes, run_script, signalled_group, succeeded, train_args,
-                      write_image_folder)
+from conftest import (REPO, RUN_TARGET, STUCK_READS, STUCK_WORKER, acting_on, run_script, signalled_group,
+                      succeeded, train_args, write_image_folder)
 from models import reactnet
 from utils import run_folder
 from utils.errors import UserError
@@ -143,54 +142,16 @@ def test_sigterm_to_the_process_group_saves_mid_epoch_and_resume_is_bit_identica
     assert_resumed_to_the_uninterrupted_end(command, (0, 3), uninterrupted, tmp_path)
 
 
-# Runs SCRIPT FLAGS... with every loader worker stuck, as in a read from a hung network mount, once
-# it has read STUCK_AFTER images of the split STUCK_SPLIT (train or val).
-STUCK_WORKER = """
-import os, runpy, sys, time
-from utils import data
-read = data.read_with_pil
-split, after = os.environ["STUCK_SPLIT"], int(os.environ["STUCK_AFTER"])
-calls = 0
-def stuck_read(path, *args):
-    global calls
-    if f"{os.sep}{split}{os.sep}" in path:
-        calls += 1
-        if calls > after:
-            time.sleep(300)
-    return read(path, *args)
-data.read_with_pil = stuck_read
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def waiting_run(command, trigger, act, split="train", after=4, within=60):
-    """Runs ``command`` (a step-1 training, two loader workers) under STUCK_WORKER in a session of
-    its own; once it prints a line starting with ``trigger`` and then waits for its stuck batch,
-    calls ``act(process)``. Fails the test unless the run ends within ``within`` seconds of that,
-    with every process it started. Returns the CompletedProcess, stderr merged into stdout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", STUCK_SPLIT=split, STUCK_AFTER=str(after))
-    with subprocess.Popen([sys.executable, "-c", STUCK_WORKER, *command[1:]], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, start_new_session=True) as run:
-        try:
-            lines = []
-            for line in run.stdout:
-                lines.append(line)
-                if line.startswith(trigger):
-                    time.sleep(2)  # the next batch is the stuck one: the run now waits for it
-                    act(run)
-                    break
-            else:
-                pytest.fail(f"the run ended before printing {trigger!r}: {''.join(lines)[-2000:]}")
-            try:
-                rest = run.communicate(timeout=within)[0]
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"still running {within} s after the stuck wait began: {''.join(lines)[-2000:]}")
-            assert live_processes(run.pid) == [], "processes of the run outlived it"
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(run.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(command, run.returncode, "".join(lines) + rest, "")
+def waiting_run(command, trigger, act, split="train", after=4):
+    """Runs ``command`` (a step-1 training, two loader workers) with its workers stuck after
+    ``after`` reads of ``split`` (STUCK_WORKER); once it prints a line starting with ``trigger`` and
+    then waits for its stuck batch, calls ``act(process)``, and fails the test unless the run ends
+    within 60 s with every process it started (``acting_on``)."""
+    def in_the_wait(run):
+        time.sleep(2)  # the next batch is the stuck one: the run now waits for it
+        act(run)
+    return acting_on([sys.executable, "-c", STUCK_WORKER, *command[1:]], trigger, in_the_wait,
+                     env={"STUCK_SPLIT": split, "STUCK_AFTER": str(after)})
 
 
 def one_line_of(output):
@@ -248,7 +209,7 @@ def test_a_stop_while_validation_waits_saves_the_epochs_training(tiny_data, teac
 
 # STUCK_WORKER, and during the second optimizer step the run's first loader worker is SIGKILLed as
 # the out-of-memory killer does, while the run computes: its SIGCHLD arrives in the middle of the step.
-KILLED_DURING_A_STEP = STUCK_WORKER.replace("sys.argv = sys.argv[1:]", """
+KILLED_DURING_A_STEP = STUCK_READS + """
 import signal
 from torch.optim.optimizer import register_optimizer_step_post_hook
 steps = 0
@@ -265,7 +226,7 @@ def kill_a_worker(*_):
         os.kill(min(children), signal.SIGKILL)
         time.sleep(2)
 register_optimizer_step_post_hook(kill_a_worker)
-sys.argv = sys.argv[1:]""")
+""" + RUN_TARGET
 
 
 @pytest.mark.slow

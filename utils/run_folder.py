@@ -274,6 +274,17 @@ def prepare_run_folder(folder, ctx):
     return folder, lock
 
 
+def print_while_read(line):
+    """Prints ``line``; if what read the output is gone (a `| tee` ended by the job's SIGTERM, or
+    killed with run.sh), the output goes nowhere from then on instead of failing the run."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 class ConsoleLog:
     """Prints on the main process and appends the same lines to ``SAVE/log.txt``."""
 
@@ -284,14 +295,7 @@ class ConsoleLog:
         if not self.enabled:
             return
         message = printable(message)
-        try:
-            print(message, flush=True)
-        except BrokenPipeError:
-            # What read the output (a `| tee`) was ended, as the job's SIGTERM ends it: the run goes
-            # on to its checkpoint, log.txt keeps every line, the console gets no more.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+        print_while_read(message)  # the run goes on to its checkpoint; log.txt keeps every line
         if self.path:
             try:
                 with open(self.path, "a") as f:
