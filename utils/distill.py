@@ -52,14 +52,14 @@ def build_teacher(arch, num_classes, weights_path=None, classes=None, folder="th
     else:
         teacher = builder(weights=None, num_classes=num_classes)
         checkpoint = read_checkpoint(weights_path)
-        if classes is not None:
-            check_teacher_classes(checkpoint, weights_path, classes, folder)
         state_dict = extract_state_dict(checkpoint, weights_path)
         expected = teacher.state_dict()
-        classes = _output_classes(state_dict)
-        if classes is not None and classes != num_classes:
-            raise UserError(f"teacher weights {weights_path} predict {classes} classes but the data "
+        outputs = _output_classes(state_dict)
+        if outputs is not None and outputs != num_classes:
+            raise UserError(f"teacher weights {weights_path} predict {outputs} classes but the data "
                             f"has {num_classes}: use a teacher trained on this dataset")
+        if classes is not None:
+            check_teacher_classes(checkpoint, weights_path, classes, folder)
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
         if missing or unexpected:
